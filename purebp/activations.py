@@ -1,0 +1,167 @@
+"""Activation functions G and their derivatives G', by name.
+
+Every activation is a pair: ``forward(z) -> a = G(z)`` and
+``derivative(z, a) -> G'(z)``. The derivative receives both z and the stored
+a = G(z) from the forward pass, so it can use whichever is cheaper
+(sigma' = a (1 - a), tanh' = 1 - a^2). The backward pass then forms
+dC/dz = dC/da (.) G'(z).
+
+softmax is the one exception: its Jacobian is not diagonal, so its
+``chain(upstream, z, a)`` is a Jacobian-transpose product,
+dC/dz = a (.) (dC/da - <dC/da, a>), and it is allowed on the output layer only.
+
+None of these use ``jax.nn`` helpers that carry a ``custom_jvp`` (softmax,
+softplus via logaddexp): the library's forward pass is plain jnp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import erf
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    """G and G' for one activation name.
+
+    ``forward(z)`` returns G(z); ``derivative(z, a)`` returns G'(z) elementwise
+    (``None`` for softmax, whose Jacobian is not diagonal).
+    """
+
+    name: str
+    forward: Callable[[Array], Array]
+    derivative: Callable[[Array, Array], Array] | None
+    elementwise: bool = True
+
+    def chain(self, upstream: Array, z: Array, a: Array) -> Array:
+        """Return dC/dz from dC/da = ``upstream`` (the notes' dC/dz = dC/da (.) G'(z))."""
+        if self.elementwise:
+            return upstream * self.derivative(z, a)
+        # softmax: (J^T g)_i = a_i (g_i - sum_j g_j a_j)
+        return a * (upstream - jnp.sum(upstream * a, axis=-1, keepdims=True))
+
+
+def _sigmoid(z: Array) -> Array:
+    # lax.logistic is a primitive: stable for |z| large, no custom_jvp
+    return jax.lax.logistic(z)
+
+
+def _relu(z: Array) -> Array:
+    # where, not maximum: jnp.maximum splits the derivative 1/2-1/2 at z = 0
+    return jnp.where(z > 0, z, jnp.zeros_like(z))
+
+
+def _leaky_relu(z: Array) -> Array:
+    return jnp.where(z > 0, z, LEAKY_RELU_SLOPE * z)
+
+
+def _elu(z: Array) -> Array:
+    # inner where keeps expm1 away from large z, so autodiff of this has no inf * 0
+    return jnp.where(z > 0, z, jnp.expm1(jnp.where(z > 0, jnp.zeros_like(z), z)))
+
+
+def _softplus(z: Array) -> Array:
+    # log(1 + e^z) = max(z, 0) + log1p(e^{-|z|}): finite for |z| up to the dtype's max
+    return jnp.where(z > 0, z, jnp.zeros_like(z)) + jnp.log1p(jnp.exp(-jnp.abs(z)))
+
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _gelu(z: Array) -> Array:
+    # the exact form G(z) = z Phi(z), Phi the standard normal CDF (not the tanh approximation)
+    return z * (0.5 * (1.0 + erf(z * _INV_SQRT2)))
+
+
+def _gelu_derivative(z: Array, a: Array) -> Array:
+    # G'(z) = Phi(z) + z phi(z)
+    return 0.5 * (1.0 + erf(z * _INV_SQRT2)) + z * (_INV_SQRT_2PI * jnp.exp(-0.5 * z * z))
+
+
+def softmax(z: Array) -> Array:
+    """Softmax over the last axis, shifted by the row max so exp never overflows."""
+    shifted = z - jnp.max(z, axis=-1, keepdims=True)
+    e = jnp.exp(shifted)
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def log_softmax(z: Array) -> Array:
+    """log softmax(z) over the last axis by log-sum-exp: finite wherever z is."""
+    shifted = z - jnp.max(z, axis=-1, keepdims=True)
+    return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
+
+
+LEAKY_RELU_SLOPE = 0.01
+
+_BUILTIN = (
+    Activation("identity", lambda z: z, lambda z, a: jnp.ones_like(z)),
+    Activation("sigmoid", _sigmoid, lambda z, a: a * (1.0 - a)),
+    Activation("tanh", jnp.tanh, lambda z, a: 1.0 - a * a),
+    Activation("relu", _relu, lambda z, a: (z > 0).astype(z.dtype)),
+    Activation(
+        "leaky_relu",
+        _leaky_relu,
+        lambda z, a: jnp.where(z > 0, jnp.ones_like(z), jnp.full_like(z, LEAKY_RELU_SLOPE)),
+    ),
+    # for z <= 0, G'(z) = e^z = a + 1
+    Activation("elu", _elu, lambda z, a: jnp.where(z > 0, jnp.ones_like(z), a + 1.0)),
+    Activation("softplus", _softplus, lambda z, a: _sigmoid(z)),
+    Activation("gelu", _gelu, _gelu_derivative),
+    Activation("softmax", softmax, None, elementwise=False),
+)
+
+_REGISTRY: dict[str, Activation] = {act.name: act for act in _BUILTIN}
+BUILTIN_NAMES = tuple(act.name for act in _BUILTIN)
+
+
+def names() -> tuple[str, ...]:
+    """All registered activation names, built-in first."""
+    return tuple(_REGISTRY)
+
+
+def get(name: str) -> Activation:
+    """Return the ``Activation`` registered as ``name``; ValueError listing the valid names otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"an activation name must be a string, got {name!r}")
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; valid names: {', '.join(names())}") from None
+
+
+def register_activation(
+    name: str,
+    forward: Callable[[Array], Array],
+    derivative: Callable[[Array], Array],
+    *,
+    overwrite: bool = False,
+) -> Activation:
+    """Register an elementwise activation ``G = forward`` with ``G' = derivative``.
+
+    ``derivative(z)`` must return G'(z) elementwise. Before it is accepted it is
+    compared with ``jax.grad(forward)`` at sample points in [-6, 6] (see
+    ``purebp.check.check_activation_derivative``); a wrong derivative raises
+    ValueError naming the worst point. Returns the registered ``Activation``.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"an activation name must be a non-empty string, got {name!r}")
+    if name in BUILTIN_NAMES:
+        raise ValueError(f"{name!r} is a built-in activation and cannot be replaced")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"activation {name!r} is already registered; pass overwrite=True to replace it")
+    if not callable(forward) or not callable(derivative):
+        raise TypeError("forward and derivative must both be callables of one array")
+    from purebp.check import check_activation_derivative  # check imports this module
+
+    check_activation_derivative(name, forward, derivative)
+    activation = Activation(name, forward, lambda z, a: derivative(z))
+    _REGISTRY[name] = activation
+    return activation

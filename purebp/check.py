@@ -1,0 +1,219 @@
+"""The hand-written backward pass against jax.grad of the same forward pass and cost.
+
+This is the only module of the library that uses JAX's autodiff: it is the
+witness the hand-written pass is compared with, never part of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from purebp import backprop as _backprop
+from purebp import losses as _losses
+from purebp.network import Network
+
+Array = jax.Array
+
+# Stated tolerances (relative error per leaf, see ``relative_error``).
+TOLERANCE = {np.dtype("float64"): 1e-10, np.dtype("float32"): 1e-5}
+# A leaf whose autodiff gradient is below FLOOR * (norm of the whole gradient)
+# is compared in absolute terms against that floor instead of its own norm:
+# tiny leaves (dead units, sums that cancel over the batch) carry rounding
+# error of the size of the terms they were summed from, not of the result.
+FLOOR = {np.dtype("float64"): 1e-6, np.dtype("float32"): 1e-3}
+
+
+def loss_function(net: Network, x: Array, y: Array, loss: str, reduction: str = "mean") -> Array:
+    """Return L(theta) from purebp's own forward pass and cost: what jax.grad differentiates."""
+    pre_activation, activation = _backprop.forward_pass(net, x)[-1]
+    target = _losses.dense_targets(y, net.layers[-1].w.shape[0], activation.dtype)
+    cost = _losses.per_example_cost(pre_activation, activation, target, loss)
+    return jnp.mean(cost) if reduction == "mean" else jnp.sum(cost)
+
+
+_autodiff_value_and_grad_jit = jax.jit(jax.value_and_grad(loss_function), static_argnames=("loss", "reduction"))
+
+
+def autodiff_value_and_grad(
+    net: Network, x: Array, y: Array, *, loss: str, reduction: str = "mean"
+) -> tuple[Array, Network]:
+    """Return (L, jax.grad L) of the same forward pass and cost as ``purebp.value_and_grad``.
+
+    Same signature and checks as ``purebp.value_and_grad``, so the two can be swapped.
+    """
+    _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    return _autodiff_value_and_grad_jit(net, x, y, loss, reduction)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafComparison:
+    """One parameter leaf: hand-written h vs autodiff g."""
+
+    layer: int
+    parameter: str  # "w" or "b"
+    shape: tuple[int, ...]
+    max_abs_error: float  # max_i |h_i - g_i|
+    relative_error: float  # ||h - g||_2 / max(||g||_2, FLOOR * ||g_all||_2)
+    passed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientReport:
+    """What ``check_gradients`` found. ``passed`` is True when every leaf and the loss agree."""
+
+    sizes: tuple[int, ...]
+    activations: tuple[str, ...]
+    loss_name: str
+    reduction: str
+    dtype: str
+    tolerance: float
+    loss_handwritten: float
+    loss_autodiff: float
+    loss_relative_error: float
+    leaves: tuple[LeafComparison, ...]
+
+    @property
+    def passed(self) -> bool:
+        return self.loss_relative_error <= self.tolerance and all(leaf.passed for leaf in self.leaves)
+
+    @property
+    def max_relative_error(self) -> float:
+        """The worst relative error over the loss and every leaf."""
+        return max([self.loss_relative_error] + [leaf.relative_error for leaf in self.leaves])
+
+    @property
+    def first_failing_layer(self) -> int | None:
+        """The first layer, counting from the output (where backprop starts), that disagrees."""
+        failing = [leaf.layer for leaf in self.leaves if not leaf.passed]
+        return max(failing) if failing else None
+
+    def __str__(self) -> str:
+        lines = [
+            f"check_gradients: sizes={self.sizes} activations={self.activations} "
+            f"loss={self.loss_name} reduction={self.reduction} dtype={self.dtype}",
+            f"  loss: handwritten={self.loss_handwritten:.17g} autodiff={self.loss_autodiff:.17g} "
+            f"rel={self.loss_relative_error:.2e}",
+            f"  {'layer':>5} {'param':>5} {'shape':>12} {'max abs':>10} {'rel':>10}  ok",
+        ]
+        for leaf in self.leaves:
+            lines.append(
+                f"  {leaf.layer:>5} {leaf.parameter:>5} {leaf.shape!s:>12} "
+                f"{leaf.max_abs_error:>10.2e} {leaf.relative_error:>10.2e}  {'yes' if leaf.passed else 'NO'}"
+            )
+        verdict = "PASS" if self.passed else f"FAIL (first failing layer from the output: {self.first_failing_layer})"
+        lines.append(f"  {verdict}: max relative error {self.max_relative_error:.2e}, tolerance {self.tolerance:.0e}")
+        return "\n".join(lines)
+
+
+def compare_gradients(
+    handwritten: Network, autodiff: Network, *, tolerance: float, floor: float
+) -> tuple[LeafComparison, ...]:
+    """Compare two gradient Networks leaf by leaf; see ``LeafComparison`` for the error measure."""
+    h_leaves = [np.asarray(leaf, dtype=np.float64) for leaf in jax.tree.leaves(handwritten)]
+    g_leaves = [np.asarray(leaf, dtype=np.float64) for leaf in jax.tree.leaves(autodiff)]
+    total = math.sqrt(sum(float(np.sum(g * g)) for g in g_leaves))
+    comparisons = []
+    for index, (h, g) in enumerate(zip(h_leaves, g_leaves)):
+        difference = float(np.linalg.norm((h - g).ravel()))
+        scale = max(float(np.linalg.norm(g.ravel())), floor * total)
+        relative = 0.0 if difference == 0.0 else (difference / scale if scale > 0 else math.inf)
+        if not np.all(np.isfinite(h)) or not np.all(np.isfinite(g)):
+            relative = 0.0 if np.array_equal(h, g, equal_nan=True) else math.inf
+        comparisons.append(
+            LeafComparison(
+                layer=index // 2,
+                parameter="wb"[index % 2],
+                shape=h.shape,
+                max_abs_error=float(np.max(np.abs(h - g))) if h.size else 0.0,
+                relative_error=relative,
+                passed=relative <= tolerance,
+            )
+        )
+    return tuple(comparisons)
+
+
+def check_gradients(
+    net: Network,
+    x: Array,
+    y: Array,
+    *,
+    loss: str,
+    reduction: str = "mean",
+    tolerance: float | None = None,
+) -> GradientReport:
+    """Compare ``purebp.value_and_grad`` with ``jax.value_and_grad`` of the same function.
+
+    Both run jitted, at ``jax.default_matmul_precision("highest")`` (float32
+    matmuls default to TF32 on recent NVIDIA GPUs). Per leaf, the relative
+    error is ||h - g||_2 / max(||g||_2, FLOOR[dtype] * ||g_all||_2). The default
+    tolerance is 1e-10 for float64 and 1e-5 for float32. Returns a
+    ``GradientReport``; ``str(report)`` is a table.
+    """
+    dtype = np.dtype(net.dtype)
+    if tolerance is None:
+        tolerance = TOLERANCE.get(dtype, 1e-5)
+    floor = FLOOR.get(dtype, FLOOR[np.dtype("float32")])
+    _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    with jax.default_matmul_precision("highest"):
+        value_h, grads_h = _backprop._value_and_grad_jit(net, x, y, loss, reduction)
+        value_g, grads_g = _autodiff_value_and_grad_jit(net, x, y, loss, reduction)
+    value_h, value_g = float(value_h), float(value_g)
+    if value_h == value_g:
+        loss_error = 0.0
+    elif math.isfinite(value_h) and math.isfinite(value_g):
+        loss_error = abs(value_h - value_g) / max(abs(value_g), np.finfo(dtype).tiny)
+    else:
+        loss_error = math.inf
+    return GradientReport(
+        sizes=net.sizes,
+        activations=net.activations,
+        loss_name=loss,
+        reduction=reduction,
+        dtype=str(dtype),
+        tolerance=tolerance,
+        loss_handwritten=value_h,
+        loss_autodiff=value_g,
+        loss_relative_error=loss_error,
+        leaves=compare_gradients(grads_h, grads_g, tolerance=tolerance, floor=floor),
+    )
+
+
+def check_activation_derivative(
+    name: str, forward: Callable[[Array], Array], derivative: Callable[[Array], Array]
+) -> None:
+    """Raise ValueError unless ``derivative`` equals ``jax.grad(forward)`` on [-6, 6].
+
+    Sample points avoid 0 (where kinks such as relu's have a conventional
+    derivative). Tolerance: |d - g| <= 1e-4 |g| + 1e-6 in float32 and
+    1e-8 |g| + 1e-10 in float64.
+    """
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    rtol, atol = (1e-8, 1e-10) if dtype == jnp.float64 else (1e-4, 1e-6)
+    points = jnp.linspace(-6.0, 6.0, 240, dtype=dtype) + 0.025  # grid shifted off 0
+    try:
+        expected = jax.vmap(jax.grad(lambda z: forward(z).sum()))(points)
+        actual = derivative(points)
+        values = forward(points)
+    except Exception as error:
+        raise ValueError(f"activation {name!r}: forward or derivative failed on sample points: {error}") from error
+    if getattr(values, "shape", None) != points.shape or getattr(actual, "shape", None) != points.shape:
+        raise ValueError(
+            f"activation {name!r}: forward and derivative must be elementwise (same shape out as in), "
+            f"got {getattr(values, 'shape', None)} and {getattr(actual, 'shape', None)} for {points.shape}"
+        )
+    expected, actual = np.asarray(expected), np.asarray(actual)
+    error = np.abs(actual - expected)
+    bad = ~(error <= rtol * np.abs(expected) + atol)
+    if np.any(bad):
+        worst = int(np.argmax(np.where(bad, error, -1.0)))
+        raise ValueError(
+            f"activation {name!r}: the derivative does not match jax.grad of G at {int(bad.sum())} of "
+            f"{points.size} sample points; worst at z={float(points[worst]):.4g}: derivative gave "
+            f"{actual[worst]:.6g}, jax.grad(G) gives {expected[worst]:.6g}"
+        )

@@ -1,0 +1,168 @@
+"""Networks as immutable parameter pytrees.
+
+A multi-layer perceptron is a ``Network``: a tuple of ``Layer(w, b)`` (the
+leaves, ``w`` shaped ``(n_out, n_in)`` as in the notes, ``b`` shaped
+``(n_out,)``) plus one activation name per layer, kept as static metadata in
+the tree structure. Nothing here mutates: every function returns new values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from purebp import activations as _activations
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One affine layer, z = W a_prev + b, with W of shape (n_out, n_in)."""
+
+    w: jax.Array
+    b: jax.Array
+
+    def __repr__(self) -> str:
+        return f"Layer(w={_describe(self.w)}, b={_describe(self.b)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """An MLP: ``layers[l]`` maps a^{l} to z^{l+1}; ``activations[l]`` is G for it.
+
+    ``activations`` is part of the tree structure (static), so
+    ``jax.tree.leaves(net)`` is exactly ``[w0, b0, w1, b1, ...]`` and two
+    networks with different activations never share a compiled function.
+    """
+
+    layers: tuple[Layer, ...]
+    activations: tuple[str, ...]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Layer widths (n_0, n_1, ..., n_L), read off the weight shapes."""
+        return (self.layers[0].w.shape[1],) + tuple(layer.w.shape[0] for layer in self.layers)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The floating dtype of the parameters."""
+        return np.dtype(self.layers[0].w.dtype)
+
+    def __repr__(self) -> str:
+        try:
+            return f"Network(sizes={self.sizes}, activations={self.activations}, dtype={self.dtype})"
+        except (AttributeError, IndexError, TypeError):  # leaves that are not arrays
+            return f"Network(layers={self.layers!r}, activations={self.activations!r})"
+
+
+jax.tree_util.register_dataclass(Layer, data_fields=["w", "b"], meta_fields=[])
+jax.tree_util.register_dataclass(Network, data_fields=["layers"], meta_fields=["activations"])
+
+
+def _describe(leaf: object) -> str:
+    shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+    return f"{dtype}{list(shape)}" if shape is not None else repr(leaf)
+
+
+# He (Kaiming) normal for rectifier-like units, whose G' is ~1 on half the line;
+# Glorot (Xavier) normal for units symmetric around 0 and for output layers.
+HE_ACTIVATIONS = frozenset({"relu", "leaky_relu", "elu", "gelu", "softplus"})
+
+
+def init_mlp(
+    key: jax.Array,
+    sizes: Sequence[int],
+    activations: Sequence[str],
+    *,
+    dtype: jnp.dtype = jnp.float32,
+) -> Network:
+    """Return a freshly initialised ``Network`` with layer widths ``sizes``.
+
+    Layer l gets W ~ N(0, s^2) with s = sqrt(2 / n_in) (He) when its activation
+    is relu, leaky_relu, elu, gelu or softplus, and s = sqrt(2 / (n_in + n_out))
+    (Glorot) otherwise; biases start at zero. Deterministic in ``key``: each
+    layer draws from ``jax.random.split(key, L)[l]``.
+    """
+    sizes = tuple(sizes)
+    activations = tuple(activations)
+    validate_architecture(sizes, activations)
+    dtype = np.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype (float32 or float64), got {dtype}")
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise TypeError(
+            "dtype=float64 needs jax_enable_x64: call jax.config.update('jax_enable_x64', True) before creating arrays"
+        )
+    return Network(layers=_init_layers(key, sizes, activations, dtype), activations=activations)
+
+
+@functools.partial(jax.jit, static_argnames=("sizes", "activations", "dtype"))
+def _init_layers(key, sizes, activations, dtype) -> tuple[Layer, ...]:
+    # one compile per architecture instead of one eager random kernel per layer
+    keys = jax.random.split(key, len(sizes) - 1)
+    layers = []
+    for layer_key, n_in, n_out, name in zip(keys, sizes[:-1], sizes[1:], activations):
+        fan = n_in if name in HE_ACTIVATIONS else (n_in + n_out) / 2
+        scale = (2.0 / fan) ** 0.5
+        w = scale * jax.random.normal(layer_key, (n_out, n_in), dtype=dtype)
+        layers.append(Layer(w=w, b=jnp.zeros((n_out,), dtype=dtype)))
+    return tuple(layers)
+
+
+def validate_architecture(sizes: Sequence[int], activations: Sequence[str]) -> None:
+    """Raise ValueError/TypeError if ``sizes`` and ``activations`` do not describe an MLP."""
+    if isinstance(activations, str):
+        raise TypeError(f"activations must be a sequence of names, one per layer, got the string {activations!r}")
+    if len(sizes) < 2:
+        raise ValueError(f"sizes needs at least two widths (inputs and outputs), got {tuple(sizes)}")
+    for i, n in enumerate(sizes):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise TypeError(f"sizes[{i}] must be an int, got {n!r}")
+        if n <= 0:
+            raise ValueError(f"sizes[{i}] must be a positive width, got {n}")
+    if len(activations) != len(sizes) - 1:
+        raise ValueError(
+            f"expected {len(sizes) - 1} activation names (one per layer for sizes {tuple(sizes)}), "
+            f"got {len(activations)}: {tuple(activations)}"
+        )
+    for i, name in enumerate(activations):
+        _activations.get(name)
+        if name == "softmax" and i != len(activations) - 1:
+            raise ValueError(
+                f"softmax is only allowed on the output layer; activations[{i}] of {len(activations)} is 'softmax'"
+            )
+
+
+def validate_network(net: Network) -> None:
+    """Raise a clear error if ``net`` is not a consistent MLP (shapes, dtypes, names)."""
+    if not isinstance(net, Network):
+        raise TypeError(f"expected a purebp.Network, got {type(net).__name__}")
+    if not net.layers:
+        raise ValueError("the network has no layers")
+    if len(net.activations) != len(net.layers):
+        raise ValueError(f"the network has {len(net.layers)} layers but {len(net.activations)} activation names")
+    dtype = None
+    for l, layer in enumerate(net.layers):
+        w, b = layer.w, layer.b
+        if getattr(w, "ndim", None) != 2 or getattr(b, "ndim", None) != 1:
+            raise ValueError(
+                f"layer {l}: expected w of shape (n_out, n_in) and b of shape (n_out,), got "
+                f"w {getattr(w, 'shape', w)} and b {getattr(b, 'shape', b)}"
+            )
+        if w.shape[0] != b.shape[0]:
+            raise ValueError(f"layer {l}: w has {w.shape[0]} rows but b has {b.shape[0]} entries")
+        if l > 0 and w.shape[1] != net.layers[l - 1].w.shape[0]:
+            raise ValueError(
+                f"layer {l}: w expects {w.shape[1]} inputs but layer {l - 1} has {net.layers[l - 1].w.shape[0]} outputs"
+            )
+        for leaf_name, leaf in (("w", w), ("b", b)):
+            if not jnp.issubdtype(leaf.dtype, jnp.floating):
+                raise TypeError(f"layer {l}: {leaf_name} has non-floating dtype {leaf.dtype}")
+            dtype = dtype or leaf.dtype
+            if leaf.dtype != dtype:
+                raise TypeError(f"layer {l}: {leaf_name} is {leaf.dtype} but earlier parameters are {dtype}")
+    validate_architecture(net.sizes, net.activations)
