@@ -68,8 +68,15 @@ def _elu(z: Array) -> Array:
 
 
 def _softplus(z: Array) -> Array:
-    # log(1 + e^z) = max(z, 0) + log1p(e^{-|z|}): finite for |z| up to the dtype's max
-    return jnp.where(z > 0, z, jnp.zeros_like(z)) + jnp.log1p(jnp.exp(-jnp.abs(z)))
+    # log(1 + e^z), as z + log1p(e^-z) for z > 0 and log1p(e^z) otherwise: finite for any
+    # z, and written so that autodiff of it (the witness in check.py) gives sigma(0) at 0
+    positive = z > 0
+    zero = jnp.zeros_like(z)
+    return jnp.where(
+        positive,
+        z + jnp.log1p(jnp.exp(-jnp.where(positive, z, zero))),
+        jnp.log1p(jnp.exp(jnp.where(positive, zero, z))),
+    )
 
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)

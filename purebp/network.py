@@ -87,9 +87,8 @@ def init_mlp(
     (Glorot) otherwise; biases start at zero. Deterministic in ``key``: each
     layer draws from ``jax.random.split(key, L)[l]``.
     """
-    sizes = tuple(sizes)
-    activations = tuple(activations)
     validate_architecture(sizes, activations)
+    sizes, activations = tuple(int(n) for n in sizes), tuple(activations)
     dtype = np.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating dtype (float32 or float64), got {dtype}")
@@ -106,8 +105,8 @@ def _init_layers(key, sizes, activations, dtype) -> tuple[Layer, ...]:
     keys = jax.random.split(key, len(sizes) - 1)
     layers = []
     for layer_key, n_in, n_out, name in zip(keys, sizes[:-1], sizes[1:], activations):
-        fan = n_in if name in HE_ACTIVATIONS else (n_in + n_out) / 2
-        scale = (2.0 / fan) ** 0.5
+        # He: Var W = 2 / n_in; Glorot: Var W = 2 / (n_in + n_out)
+        scale = (2.0 / n_in) ** 0.5 if name in HE_ACTIVATIONS else (2.0 / (n_in + n_out)) ** 0.5
         w = scale * jax.random.normal(layer_key, (n_out, n_in), dtype=dtype)
         layers.append(Layer(w=w, b=jnp.zeros((n_out,), dtype=dtype)))
     return tuple(layers)

@@ -1,0 +1,6 @@
+"""Independent oracles for purebp's gradients; they share no code with purebp.
+
+- ``numpy_matrix``: the notes' matrix form, NumPy float64, column-major.
+- ``scalar_chain_rule``: the slides' per-neuron chain rule in Python loops.
+- ``finite_differences``: central differences in float64.
+"""

@@ -1,0 +1,79 @@
+"""Networks are immutable pytrees whose leaves are exactly the weights and biases."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import purebp as pb
+
+
+def test_init_mlp_shapes_dtypes_and_static_activations():
+    net = pb.init_mlp(jax.random.key(0), sizes=(64, 128, 10), activations=("relu", "identity"))
+    assert net.layers[0].w.shape == (128, 64) and net.layers[0].b.shape == (128,)
+    assert net.layers[1].w.shape == (10, 128) and net.layers[1].b.shape == (10,)
+    assert net.activations == ("relu", "identity")
+    assert net.sizes == (64, 128, 10) and net.dtype == np.float32
+    leaves = jax.tree.leaves(net)
+    assert len(leaves) == 4
+    assert [leaf.shape for leaf in leaves] == [(128, 64), (128,), (10, 128), (10,)]
+    assert all(leaf.dtype == jnp.float32 for leaf in leaves)
+    # activations live in the tree structure, not the leaves
+    other = pb.init_mlp(jax.random.key(0), sizes=(64, 128, 10), activations=("tanh", "identity"))
+    assert jax.tree.structure(net) != jax.tree.structure(other)
+
+
+def test_init_is_deterministic_in_the_key_and_float64_works():
+    a = pb.init_mlp(jax.random.key(3), (5, 7, 2), ("tanh", "identity"), dtype=jnp.float64)
+    b = pb.init_mlp(jax.random.key(3), (5, 7, 2), ("tanh", "identity"), dtype=jnp.float64)
+    c = pb.init_mlp(jax.random.key(4), (5, 7, 2), ("tanh", "identity"), dtype=jnp.float64)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+        assert x.dtype == jnp.float64
+    assert not np.array_equal(a.layers[0].w, c.layers[0].w)
+
+
+@pytest.mark.parametrize(
+    "activation,expected_std",
+    [("relu", np.sqrt(2 / 400)), ("gelu", np.sqrt(2 / 400)), ("tanh", np.sqrt(2 / 700)), ("sigmoid", np.sqrt(2 / 700))],
+)
+def test_he_for_rectifiers_glorot_otherwise(activation, expected_std):
+    net = pb.init_mlp(jax.random.key(1), (400, 300, 2), (activation, "identity"))
+    std = float(np.std(np.asarray(net.layers[0].w)))
+    assert std == pytest.approx(expected_std, rel=0.02)  # 120000 draws: sampling error ~0.2%
+    assert not np.any(np.asarray(net.layers[0].b))
+
+
+def test_networks_are_immutable():
+    net = pb.init_mlp(jax.random.key(0), (3, 2), ("identity",))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        net.layers = ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        net.layers[0].w = None
+
+
+def test_optax_update_lines_up_leaf_for_leaf_and_leaves_input_untouched():
+    net = pb.init_mlp(jax.random.key(0), (4, 5, 3), ("relu", "identity"))
+    before = [np.array(leaf) for leaf in jax.tree.leaves(net)]
+    x = jax.random.normal(jax.random.key(1), (8, 4), dtype=jnp.float32)
+    y = jnp.arange(8) % 3
+    optimizer = optax.adam(1e-2)
+    state = optimizer.init(net)
+    grads = pb.grad(net, x, y, loss="softmax_cross_entropy")
+    with jax.numpy_dtype_promotion("standard"):  # optax's adam mixes int32 counts with floats
+        updates, state = optimizer.update(grads, state, net)
+    new_net = optax.apply_updates(net, updates)
+    assert isinstance(new_net, pb.Network) and new_net.activations == net.activations
+    for old, leaf in zip(before, jax.tree.leaves(net)):
+        np.testing.assert_array_equal(old, leaf)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, jax.tree.leaves(new_net)))
+
+
+def test_repr_names_the_architecture():
+    net = pb.init_mlp(jax.random.key(0), (3, 4, 2), ("tanh", "sigmoid"))
+    assert repr(net) == "Network(sizes=(3, 4, 2), activations=('tanh', 'sigmoid'), dtype=float32)"
+    # tree utilities may put non-arrays in the leaves: repr must not crash
+    assert "Network" in repr(jax.tree.map(lambda _: None, net, is_leaf=lambda x: x is None))
