@@ -1,0 +1,21 @@
+"""The README's "Use it from Python" example runs as written (fresh process: default JAX settings)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_block_after(heading: str) -> str:
+    text = README.read_text()
+    section = text[text.index(heading) :]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_use_it_from_python_example_runs():
+    code = python_block_after("## Use it from Python")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "PASS" in result.stdout  # the printed check_gradients report
