@@ -52,7 +52,7 @@ def validate_mesh(mesh: Mesh, axis: str, batch_size: int) -> int:
     if batch_size % shards:
         raise ValueError(
             f"a batch of {batch_size} examples does not split evenly over the {shards} devices of mesh axis "
-            f"{axis!r}; use a batch size divisible by {shards} (for example {batch_size - batch_size % shards or shards})"
+            f"{axis!r}; use a batch size divisible by {shards}"
         )
     return shards
 
