@@ -245,6 +245,7 @@ def main(argv=None) -> int:
     rows = []
     for spec in tqdm(specs, desc="architectures", disable=None):
         rows.extend(run_trial(spec, rng))
+        jax.clear_caches()  # each architecture is a new program; thousands would exhaust memory mappings
     seconds = time.perf_counter() - start
     table = summarise(rows)
     write_outputs(rows, table, specs, seconds, args.out, args.quick)

@@ -7,6 +7,7 @@ registers its arguments and sets ``handler``; ``main`` dispatches.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -47,6 +48,7 @@ def run_verify(args: argparse.Namespace) -> int:
         raise SystemExit(f"purebp verify: --trials must be at least 1, got {args.trials}")
     dtypes = ("float32", "float64") if args.dtype == "both" else (args.dtype,)
     _enable_x64_if(dtypes)
+    import jax
     import numpy as np
 
     from purebp.check import check_gradients
@@ -67,6 +69,9 @@ def run_verify(args: argparse.Namespace) -> int:
         )
         case = make_case(spec)
         report = check_gradients(case.net, case.x, case.y, loss=spec.loss, reduction=spec.reduction)
+        # every architecture is a new program: without this, thousands of executables exhaust
+        # the process's memory mappings (LLVM 'Cannot allocate memory', seen after some hundreds of trials)
+        jax.clear_caches()
         worst[dtype] = max(worst.get(dtype, 0.0), report.max_relative_error)
         line = (
             f"{trial:>5}  {','.join(map(str, spec.sizes)):<28.28} {','.join(spec.activations):<44.44} "
@@ -87,9 +92,405 @@ def run_verify(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+# ---------------------------------------------------------------- purebp train
+
+TRAIN_DEFAULTS = {"hidden": 256, "optimizer": "sgd", "lr": 0.1, "batch_size": 32, "epochs": 30}
+OUTPUT_FOR_LOSS = {
+    "softmax_cross_entropy": "identity",
+    "cross_entropy": "softmax",
+    "binary_cross_entropy": "sigmoid",
+    "mse": "identity",
+}
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train an MLP on a bundled dataset with the hand-written gradient",
+        description="Verify the hand-written gradient against jax.grad, then train an MLP with it (one "
+        "jit-compiled lax.scan per epoch) and print the test accuracy and wall time. Defaults: "
+        f"digits, sizes n_in,{TRAIN_DEFAULTS['hidden']},n_out, relu, minibatch SGD lr {TRAIN_DEFAULTS['lr']}, "
+        f"batch {TRAIN_DEFAULTS['batch_size']}, {TRAIN_DEFAULTS['epochs']} epochs.",
+    )
+    parser.add_argument("--dataset", choices=("digits", "mnist1d", "mnist5k", "synthetic", "synthetic-regression"))
+    parser.add_argument("--sizes", help="layer widths, e.g. 64,128,10 (default: n_in,128,n_out of the dataset)")
+    parser.add_argument("--activation", default="relu", help="hidden-layer activation (default relu)")
+    parser.add_argument("--output", help="output activation (default: the one the loss is defined on)")
+    parser.add_argument(
+        "--loss", help="softmax_cross_entropy (default for classification), cross_entropy, binary_cross_entropy, mse"
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=("gd", "sgd", "momentum", "adam"),
+        default=TRAIN_DEFAULTS["optimizer"],
+        help="gd: full-batch gradient descent; sgd: minibatch; momentum: sgd with momentum 0.9; adam (default sgd)",
+    )
+    parser.add_argument("--lr", type=float, default=TRAIN_DEFAULTS["lr"], help="learning rate (default 0.1)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, help=f"epochs (default {TRAIN_DEFAULTS['epochs']})")
+    length.add_argument("--steps", type=int, help="optimizer steps instead of epochs")
+    parser.add_argument("--batch-size", type=int, help="minibatch size (default 32; gd uses the whole training set)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the shuffling (default 0)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--gradient", choices=("handwritten", "autodiff"), default="handwritten")
+    parser.add_argument("--no-standardize", action="store_true", help="keep the dataset's raw input scale")
+    parser.add_argument("--no-verify", action="store_true", help="skip the gradient check before training")
+    parser.add_argument("--checkpoint", metavar="PATH", help="save a checkpoint here (atomically)")
+    parser.add_argument("--checkpoint-every", type=int, default=1, metavar="K", help="every K epochs (default 1)")
+    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    parser.add_argument("--json", metavar="PATH", help="write the final metrics, config and history as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write loss and accuracy curves as a PNG")
+    scale = parser.add_argument_group(
+        "multi-process (data-parallel over jax.distributed; see 'purebp launch' to start them on one machine)"
+    )
+    scale.add_argument("--num-processes", type=int, default=1, metavar="N", help="processes in the run (default 1)")
+    scale.add_argument("--process-id", type=int, default=0, metavar="I", help="this process, 0..N-1 (default 0)")
+    scale.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
+    scale.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=100,
+        metavar="S",
+        help="seconds without a heartbeat before a process is declared dead and the others stop (default 100)",
+    )
+    parser.set_defaults(handler=run_train, dataset="digits")
+
+
+def _parse_sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--sizes must be comma-separated integers such as 64,128,10, got {text!r}") from None
+
+
+def _train_setup(args: argparse.Namespace):
+    """Check the arguments and load the data; return (dataset, sizes, activations, loss, optimizer, batch, length)."""
+    import jax
+
+    from purebp import data
+    from purebp.training import _plan, make_optimizer
+
+    if args.resume and not args.checkpoint:
+        raise ValueError("--resume needs --checkpoint PATH")
+    if args.optimizer == "gd" and args.batch_size is not None:
+        raise ValueError("--optimizer gd is full-batch gradient descent: drop --batch-size (or use sgd)")
+    optimizer = make_optimizer(args.optimizer, args.lr)
+    dataset = data.load(args.dataset, dtype=args.dtype, standardized=not args.no_standardize)
+    loss = args.loss or ("softmax_cross_entropy" if dataset.is_classification else "mse")
+    if loss not in OUTPUT_FOR_LOSS:
+        raise ValueError(f"unknown loss {loss!r}; valid losses: {', '.join(OUTPUT_FOR_LOSS)}")
+    sizes = (
+        _parse_sizes(args.sizes) if args.sizes else (dataset.n_features, TRAIN_DEFAULTS["hidden"], dataset.n_outputs)
+    )
+    if sizes[0] != dataset.n_features or sizes[-1] != dataset.n_outputs:
+        raise ValueError(
+            f"--sizes {','.join(map(str, sizes))} does not fit {args.dataset}: it has {dataset.n_features} inputs "
+            f"and {dataset.n_outputs} outputs"
+        )
+    activations = (args.activation,) * (len(sizes) - 2) + (args.output or OUTPUT_FOR_LOSS[loss],)
+    n_train = len(dataset.x_train)
+    batch_size = (
+        n_train
+        if args.optimizer == "gd"
+        else (args.batch_size if args.batch_size is not None else TRAIN_DEFAULTS["batch_size"])
+    )
+    length = (
+        {"steps": args.steps}
+        if args.steps is not None
+        else {"epochs": args.epochs if args.epochs is not None else TRAIN_DEFAULTS["epochs"]}
+    )
+    _plan(n_train, batch_size, length.get("epochs"), length.get("steps"), jax.random.key(args.seed))  # checks them
+    return dataset, sizes, activations, loss, optimizer, batch_size, length
+
+
+def _progress_bar(total: int, metric: str):
+    # quiet when stderr is not a terminal; appears only on runs longer than a second
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        raise ImportError("purebp train's progress bar needs tqdm: pip install 'purebp[cli]'") from None
+    bar = tqdm(total=total, unit="epoch", disable=not sys.stderr.isatty(), delay=1.0, dynamic_ncols=True)
+
+    def update(epoch: int, row: dict) -> None:
+        postfix = {"loss": f"{row['train_loss']:.4f}"}
+        if metric in row:
+            postfix["test_acc"] = f"{100 * row[metric]:.2f}%"
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(epoch + 1 - bar.n)
+
+    return bar, update
+
+
+def _plot(path: str, history: dict, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if "eval_accuracy" in history else 1
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
+    epochs = [epoch + 1 for epoch in history["epoch"]]
+    axes[0, 0].plot(epochs, history["train_loss"], label="train (mean minibatch loss)")
+    if "eval_loss" in history:
+        axes[0, 0].plot(epochs, history["eval_loss"], label="test")
+    axes[0, 0].set(xlabel="epoch", ylabel="loss", yscale="log", title=title)
+    axes[0, 0].legend()
+    if panels == 2:
+        axes[0, 1].plot(epochs, [100 * a for a in history["eval_accuracy"]], color="C1")
+        axes[0, 1].set(xlabel="epoch", ylabel="test accuracy (%)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _stop_on_sigterm():
+    """Install a SIGTERM handler that only records the signal; return the ``stop`` callable ``fit`` polls."""
+    import signal
+    import threading
+
+    requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: requested.set())
+    return requested.is_set
+
+
+def _process_failure_error() -> type:
+    from purebp.distributed import ProcessFailureError
+
+    return ProcessFailureError
+
+
+def _digest(net) -> str:
+    import hashlib
+
+    import jax
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(net):
+        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.hexdigest()
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import time
+
+    started = time.perf_counter()
+    _enable_x64_if((args.dtype,))
+    multi_process = args.num_processes > 1 or args.coordinator is not None
+    if multi_process:  # before the first JAX operation
+        from purebp import distributed
+
+        try:
+            if args.coordinator is None:
+                raise ValueError("--num-processes > 1 needs --coordinator HOST:PORT (process 0's address)")
+            distributed.initialize(
+                args.num_processes, args.process_id, args.coordinator, heartbeat_timeout=args.heartbeat_timeout
+            )
+        except (TypeError, ValueError) as error:
+            print(f"purebp train: error: {error}", file=sys.stderr)
+            return 2
+    stop = _stop_on_sigterm() if args.checkpoint else None
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("purebp train: error: --plot needs matplotlib: pip install 'purebp[plot]'", file=sys.stderr)
+            return 2
+    import json
+    import math
+
+    import jax
+
+    from purebp.network import init_mlp
+    from purebp.training import DivergenceError, GradientMismatchError, evaluate, fit
+
+    try:
+        dataset, sizes, activations, loss, optimizer, batch_size, length = _train_setup(args)
+        init_key, shuffle_key = jax.random.split(jax.random.key(args.seed))
+        net = init_mlp(init_key, sizes, activations, dtype=args.dtype)
+        bar, on_epoch = _progress_bar(0, "eval_accuracy")  # fails early if tqdm is missing
+        bar.close()
+    except (ImportError, TypeError, ValueError) as error:
+        print(f"purebp train: error: {error}", file=sys.stderr)
+        return 2
+    n_train = len(dataset.x_train)
+    steps_per_epoch = max(n_train // max(batch_size, 1), 1)  # for the bar only: fit checks batch_size
+    total_epochs = length.get("epochs") or math.ceil(length["steps"] / steps_per_epoch)
+    bar, on_epoch = _progress_bar(total_epochs, "eval_accuracy")
+    mesh = None
+    if multi_process:
+        from purebp import distributed
+
+        mesh = distributed.make_data_mesh()
+    try:
+        trained, history = fit(
+            net,
+            dataset.train,
+            loss=loss,
+            optimizer=optimizer,
+            batch_size=batch_size,
+            key=shuffle_key,
+            eval=dataset.test,
+            gradient=args.gradient,
+            verify=not args.no_verify,
+            checkpoint=args.checkpoint,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            callback=on_epoch,
+            mesh=mesh,
+            stop=stop,
+            **length,
+        )
+    except _process_failure_error() as error:
+        # exit now: JAX's own shutdown would wait for the dead process until the heartbeat timeout, then abort
+        print(f"purebp train: error: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(3)
+    except GradientMismatchError as error:
+        print(f"purebp train: {error}", file=sys.stderr)
+        return 1
+    except DivergenceError as error:
+        print(f"purebp train: {error}", file=sys.stderr)
+        return 1
+    except (TypeError, ValueError) as error:
+        print(f"purebp train: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        bar.close()
+    test = evaluate(trained, *dataset.test, loss=loss)
+    wall = time.perf_counter() - started
+    steps_done = history["step"][-1] if history["step"] else 0
+    summary = (
+        f"{args.dataset}: sizes {','.join(map(str, sizes))} {','.join(activations)}, {args.optimizer} lr {args.lr}, "
+        f"batch {batch_size}, {len(history['epoch'])} epochs / {steps_done} steps, {args.gradient} gradient"
+    )
+    print(summary)
+    if "accuracy" in test:
+        correct = round(test["accuracy"] * len(dataset.x_test))
+        accuracy = f"{100 * test['accuracy']:.2f}% ({correct}/{len(dataset.x_test)})"
+        print(f"test accuracy {accuracy}, test loss {test['loss']:.4g}")
+    else:
+        print(f"test loss {test['loss']:.4g}")
+    print(f"wall time {wall:.1f} s (data, gradient check, compile and training; {jax.devices()[0].platform})")
+    total_steps = length.get("steps") or length["epochs"] * steps_per_epoch
+    if steps_done < total_steps:
+        print(f"stopped by SIGTERM after step {steps_done} of {total_steps}; checkpoint {args.checkpoint} written")
+    if multi_process:
+        print(f"process {jax.process_index()} of {jax.process_count()}: parameters sha256 {_digest(trained)}")
+        if jax.process_index() != 0:  # one writer for the shared outputs
+            return 0
+    config = {name: value for name, value in vars(args).items() if name not in ("handler", "command")} | {
+        "sizes": list(sizes),
+        "activations": list(activations),
+        "loss": loss,
+        "batch_size": batch_size,
+    }
+    if args.json:
+        metrics = {f"test_{name}": value for name, value in test.items()}
+        metrics |= {"train_loss": history["train_loss"][-1] if history["train_loss"] else None}
+        metrics |= {"wall_time_s": wall, "epochs": len(history["epoch"]), "steps": steps_done}
+        with open(args.json, "w") as file:
+            json.dump({"metrics": metrics, "config": config, "history": history}, file, indent=2)
+    if args.plot:
+        _plot(args.plot, history, summary.split(",")[0])
+    return 0
+
+
+# ---------------------------------------------------------------- purebp bench
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="hand-written vs jax.grad speed (and PyTorch, scikit-learn, NumPy), as ratios",
+        description="Time the hand-written value_and_grad against jax.jit(jax.value_and_grad) of the same "
+        "forward pass and cost, and CPU peers, interleaved in one process (medians of rounds); also compile "
+        "time, compiled memory, an eager call and a training epoch. Prints markdown tables; needs the "
+        "'bench' extra for the peers (pip install 'purebp[bench]').",
+    )
+    parser.add_argument(
+        "--configs", default="tiny,mid,wide,deep", help="comma-separated: tiny, mid, wide, deep (default all)"
+    )
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds (default 30)")
+    parser.add_argument("--train-steps", type=int, default=50, help="SGD steps in one timed epoch (default 50)")
+    parser.add_argument("--threads", type=int, default=None, help="peers' thread count (default: JAX's cores)")
+    parser.add_argument("--no-peers", action="store_true", help="time only purebp and jax.grad")
+    parser.add_argument("--quick", action="store_true", help="tiny only, 3 rounds, small ceiling: a smoke run")
+    parser.add_argument("--out", default=None, help="write OUT.md, OUT.json and OUT.csv")
+    parser.set_defaults(handler=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from purebp import bench
+
+    configs = [name.strip() for name in args.configs.split(",") if name.strip()]
+    options = {"rounds": args.rounds, "train_steps": args.train_steps, "threads": args.threads}
+    if args.quick:
+        configs, options = ["tiny"], {**options, "rounds": 3, "train_steps": 3}
+        options.update(ceiling_size=256, deep100=False)
+    if args.no_peers:
+        options["peers"] = ()
+    try:
+        result = bench.run(configs, progress=lambda message: print(f"[bench] {message}", flush=True), **options)
+    except (ValueError, ImportError) as error:
+        raise SystemExit(f"purebp bench: {error}") from None
+    markdown = bench.to_markdown(result)
+    print(markdown)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(markdown)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        out.with_suffix(".csv").write_text(bench.to_csv(result))
+        print(f"wrote {out.with_suffix('.md')}, .json and .csv")
+    return 0
+
+
+# ---------------------------------------------------------------- purebp launch
+
+
+def add_launch_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "launch",
+        help="run N processes of a purebp command on this machine (loopback only), e.g. multi-process training",
+        description="Start N copies of 'purebp COMMAND ...' on 127.0.0.1 with --num-processes, --process-id and "
+        "--coordinator (a free loopback port) added; the coordinator binds to loopback only. Forwards "
+        "SIGTERM/SIGINT to its children, enforces a deadline, kills only its own process group, and exits with "
+        "the first failing child's code (124 on the deadline). Example: purebp launch -n 2 -- train --dataset "
+        "digits --checkpoint run.ckpt --resume",
+    )
+    parser.add_argument("-n", "--num-processes", type=int, required=True, help="number of processes")
+    parser.add_argument("--deadline", type=float, default=3600.0, help="seconds before SIGTERM (default 3600)")
+    parser.add_argument(
+        "--grace", type=float, default=30.0, help="seconds between a failure or SIGTERM and SIGKILL (default 30)"
+    )
+    parser.add_argument("worker", nargs=argparse.REMAINDER, help="-- then the purebp command, e.g. -- train ...")
+    parser.set_defaults(handler=run_launch)
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    from purebp.launch import launch
+
+    command = args.worker[1:] if args.worker[:1] == ["--"] else args.worker
+    try:
+        return launch(
+            command,
+            args.num_processes,
+            deadline=args.deadline,
+            grace=args.grace,
+            log=lambda message: print(message, file=sys.stderr, flush=True),
+        )
+    except ValueError as error:
+        print(f"purebp launch: error: {error}", file=sys.stderr)
+        return 2
+
+
 # ---------------------------------------------------------------- entry point
 
-PARSERS = [add_verify_parser]
+PARSERS = [add_verify_parser, add_train_parser, add_bench_parser, add_launch_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,84 @@
+"""`purebp train`: a short run end to end, its JSON/plot/checkpoint outputs, exit codes on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import optax
+import pytest
+
+import purebp as pb
+from purebp.cli import main
+
+SHORT = ["train", "--dataset", "synthetic", "--sizes", "20,16,4", "--steps", "40", "--batch-size", "50"]
+
+
+def test_train_writes_json_plot_and_checkpoint(tmp_path, capsys):
+    out, plot, checkpoint = tmp_path / "run.json", tmp_path / "curves.png", tmp_path / "run.ckpt"
+    code = main(SHORT + ["--optimizer", "adam", "--lr", "0.01", "--json", str(out), "--plot", str(plot),
+                         "--checkpoint", str(checkpoint)])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "wall time" in printed
+    report = json.loads(out.read_text())
+    assert 0.0 <= report["metrics"]["test_accuracy"] <= 1.0
+    assert report["metrics"]["steps"] == 40 and report["metrics"]["epochs"] == 2  # 1600 // 50 = 32 steps per epoch
+    assert report["config"]["sizes"] == [20, 16, 4] and report["config"]["optimizer"] == "adam"
+    assert len(report["history"]["eval_accuracy"]) == 2
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    net = pb.init_mlp(pb.load_checkpoint(checkpoint).key, (20, 16, 4), ("relu", "identity"), dtype="float32")
+    saved = pb.load_checkpoint(checkpoint, opt_state_template=optax.adam(0.01).init(net))
+    assert saved.step == 40 and saved.net.sizes == (20, 16, 4)
+    # resuming a finished run trains nothing more and reports the same accuracy
+    resumed_out = tmp_path / "resumed.json"
+    code = main(SHORT + ["--optimizer", "adam", "--lr", "0.01", "--json", str(resumed_out),
+                         "--checkpoint", str(checkpoint), "--resume"])  # fmt: skip
+    assert code == 0
+    resumed = json.loads(resumed_out.read_text())
+    assert resumed["metrics"]["test_accuracy"] == report["metrics"]["test_accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--sizes", "5,16,4"], "does not fit synthetic: it has 20 inputs and 4 outputs"),
+        (["--lr", "0"], "learning rate must be finite and > 0, got 0.0"),
+        (["--lr", "nan"], "learning rate must be finite and > 0, got nan"),
+        (["--batch-size", "0"], "batch_size must be a positive int, got 0"),
+        (["--batch-size", "100000"], "batch_size 100000 is larger than the training set (1600 examples)"),
+        (["--resume"], "--resume needs --checkpoint PATH"),
+        (["--optimizer", "gd", "--batch-size", "10"], "full-batch gradient descent"),
+        (["--sizes", "20,x,4"], "--sizes must be comma-separated integers"),
+    ],
+)
+def test_bad_arguments_exit_with_code_2_and_a_message(capsys, arguments, message):
+    base = ["train", "--dataset", "synthetic", "--steps", "5"]
+    assert main(base + arguments) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_divergence_exits_with_code_1_and_names_the_step(capsys):
+    code = main(["train", "--dataset", "synthetic-regression", "--sizes", "8,8,2", "--activation", "identity",
+                 "--lr", "1e6", "--steps", "50"])  # fmt: skip
+    assert code == 1
+    assert "loss became non-finite at step" in capsys.readouterr().err
+
+
+def test_the_installed_command_runs_in_a_fresh_process(tmp_path):
+    """The real entry point, outside pytest's JAX settings: exit code 0 and the metrics in the JSON."""
+    out = tmp_path / "run.json"
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("JAX_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "purebp.cli"] + SHORT + ["--json", str(out), "--gradient", "autodiff"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout
+    assert result.stderr == ""  # not a terminal: no progress bar
+    assert json.loads(out.read_text())["config"]["gradient"] == "autodiff"
