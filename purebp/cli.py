@@ -143,9 +143,14 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     scale = parser.add_argument_group(
         "multi-process (data-parallel over jax.distributed; see 'purebp launch' to start them on one machine)"
     )
-    scale.add_argument("--num-processes", type=int, default=1, metavar="N", help="processes in the run (default 1)")
-    scale.add_argument("--process-id", type=int, default=0, metavar="I", help="this process, 0..N-1 (default 0)")
-    scale.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
+    scale.add_argument("--num-processes", type=int, metavar="N", help="processes in the run (default 1)")
+    scale.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
+    scale.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="address of process 0's coordinator service, or 'auto': let jax.distributed detect the cluster "
+        "(SLURM, Open MPI, Cloud TPU, Kubernetes) and with it N and I",
+    )
     scale.add_argument(
         "--heartbeat-timeout",
         type=int,
@@ -276,17 +281,19 @@ def run_train(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     _enable_x64_if((args.dtype,))
-    multi_process = args.num_processes > 1 or args.coordinator is not None
+    multi_process = (args.num_processes or 1) > 1 or args.coordinator is not None
     if multi_process:  # before the first JAX operation
         from purebp import distributed
 
         try:
             if args.coordinator is None:
                 raise ValueError("--num-processes > 1 needs --coordinator HOST:PORT (process 0's address)")
+            if args.coordinator != distributed.AUTO and args.process_id is None:
+                raise ValueError("a multi-process run needs --process-id I (0 for the coordinator's process)")
             distributed.initialize(
                 args.num_processes, args.process_id, args.coordinator, heartbeat_timeout=args.heartbeat_timeout
             )
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, RuntimeError) as error:
             print(f"purebp train: error: {error}", file=sys.stderr)
             return 2
     stop = _stop_on_sigterm() if args.checkpoint else None

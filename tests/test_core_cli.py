@@ -38,8 +38,15 @@ def test_verify_rejects_zero_trials():
 def test_assert_gradients_match_raises_with_the_table(monkeypatch):
     case = make_case(CaseSpec(sizes=(3, 4, 2), activations=("sigmoid", "identity"), loss="mse"))
     assert assert_gradients_match(case.net, case.x, case.y, loss="mse").passed
-    with pytest.raises(AssertionError, match=r"(?s)differs from jax.grad.*layer param.*NO"):
-        assert_gradients_match(case.net, case.x, case.y, loss="mse", tolerance=0.0)
+    broken = activations.Activation("sigmoid", activations._sigmoid, lambda z, a: a * (1.0 - a) * 1.0001)
+    jax.clear_caches()
+    monkeypatch.setitem(activations._REGISTRY, "sigmoid", broken)
+    try:
+        with pytest.raises(AssertionError, match=r"(?s)differs from jax.grad.*layer param.*NO"):
+            assert_gradients_match(case.net, case.x, case.y, loss="mse")
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
 
 
 def test_case_spec_round_trips_through_its_repr():
