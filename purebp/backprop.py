@@ -81,17 +81,17 @@ def backward_pass(
     num_layers = len(net.layers)
     grads: list[Layer] = [None] * num_layers
     deltas: list[Array] = [None] * num_layers
-    delta = output_delta
+    delta = output_delta  # (BP1) delta^L, formed with the cost (losses.output_delta)
     for l in reversed(range(num_layers)):
         deltas[l] = delta
         activation_prev = x if l == 0 else cache[l - 1][1]
         grad_w = delta.T @ activation_prev  # (BP4) dC/dW^l = delta^l (a^{l-1})^T
         grad_b = jnp.sum(delta, axis=0)  # (BP3) dC/db^l = sum_n delta^l_n
         grads[l] = Layer(w=grad_w, b=grad_b)
-        if l > 0:  # a^0 = x needs no delta: the first layer stops here
+        if l > 0:  # a^0 = x needs no delta: the first layer stops here, no input gradient is formed
             pre_activation_prev, activation_prev = cache[l - 1]
-            upstream = delta @ net.layers[l].w  # (W^{l+1})^T delta^{l+1}
-            # (BP2) delta^l = ((W^{l+1})^T delta^{l+1}) (.) G'(z^l)
+            upstream = delta @ net.layers[l].w  # (BP2) (W^{l+1})^T delta^{l+1}
+            # (BP2) delta^l = ((W^{l+1})^T delta^{l+1}) (.) G'(z^l), G' from the stored z^l and a^l
             delta = _activations.get(net.activations[l - 1]).chain(upstream, pre_activation_prev, activation_prev)
     return Network(layers=tuple(grads), activations=net.activations), tuple(deltas)
 
@@ -166,6 +166,8 @@ def backprop_trace(net: Network, x: Array, y: Array, *, loss: str, reduction: st
 
 
 def _signature(array: object) -> tuple:
+    if isinstance(array, jax.Array) and not isinstance(array, jax.core.Tracer):
+        return array.shape, array.dtype  # already canonical: the cheap path of every eager call
     shape = getattr(array, "shape", None)
     dtype = getattr(array, "dtype", None)
     if shape is None or dtype is None:
@@ -187,14 +189,14 @@ def validate_inputs(
     if not isinstance(net, Network):
         raise TypeError(f"expected a purebp.Network as the first argument, got {type(net).__name__}")
     try:
-        param_signature = tuple(_signature(leaf) for leaf in jax.tree.leaves(net))
+        param_signature = tuple([_signature(leaf) for leaf in jax.tree.leaves(net)])
     except TypeError as error:
         raise TypeError(f"the network's parameters must be arrays: {error}") from None
     x_signature = _signature(x)
     y_signature = None if y is None else _signature(y)
     _validate_structure(net.activations, param_signature, x_signature, y_signature, loss, reduction)
     if y is not None and not isinstance(y, jax.core.Tracer):
-        _validate_target_values(np.asarray(y), loss, net.sizes[-1])
+        _validate_target_values(np.asarray(y), loss, net.layers[-1].w.shape[0])
 
 
 @functools.lru_cache(maxsize=1024)
@@ -248,6 +250,8 @@ def _validate_target_values(y: np.ndarray, loss: str, n_out: int) -> None:
     if y.size == 0:
         return
     if loss in _losses.CLASSIFICATION_LOSSES and np.issubdtype(y.dtype, np.integer):
+        if y.min() >= 0 and y.max() < n_out:  # two reductions: the common case stays cheap
+            return
         bad = np.flatnonzero((y < 0) | (y >= n_out))
         if bad.size:
             raise ValueError(
