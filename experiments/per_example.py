@@ -196,8 +196,9 @@ NOTES = """
   much as, or more than, a plain training step, so DP / plain exceeds 1.5x; the `sigma=0` column (same
   step, draw skipped) is the cost of the clipping itself. At 64-32-10 b32 a step is ~0.1 ms and fixed
   per-op costs dominate.
-- Timings were taken while other processes loaded the 2 cores (load average above): medians of
-  interleaved rounds, but expect +-30% between runs.
+- Medians of interleaved rounds; the load average above says how quiet the machine was. A key made
+  with `jax.random.key(seed, impl="rbg")` was tried for the draw: slower on this CPU (9x plain at
+  784-256-256-10 b128 vs 4.9x with threefry).
 """
 
 
