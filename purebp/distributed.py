@@ -7,9 +7,10 @@ all-reduce. Parameters are replicated. For ``reduction="mean"`` the sum is
 divided by the global batch size afterwards, so the result equals the
 single-device one up to the order of the floating-point additions.
 
-The gradient pytree and the loss are flattened into one buffer before the
-``psum``: CPU collectives (gloo) do one all-reduce per array, and one buffer
-is several times faster than one reduction per leaf.
+When the mesh spans several processes, the gradient pytree and the loss are
+flattened into one buffer before the ``psum``: CPU collectives (gloo) do one
+all-reduce per array, and one buffer is several times faster than one
+reduction per leaf.
 
 The same code runs across processes: after ``initialize`` (``jax.distributed``)
 the mesh holds every process's devices, ``shard_epoch`` gives each process only
@@ -72,8 +73,15 @@ def validate_mesh(mesh: Mesh, axis: str, batch_size: int) -> int:
 def _sharded_value_and_grad(mesh: Mesh, axis: str, loss: str, reduction: str):
     """One jitted program per (mesh, axis, loss, reduction); shapes are cached by jit itself."""
 
+    # Across processes (gloo: one TCP all-reduce per array) one flattened buffer is several times
+    # faster; within one process the all-reduce is a copy and flattening's concatenation costs more
+    # than it saves (experiments/results/scaling.md), so there the leaves are reduced as they are.
+    flatten = len({device.process_index for device in mesh.devices.flat}) > 1
+
     def local(net: Network, x: Array, y: Array):
         trace = _backprop._trace(net, x, y, loss, "sum")  # this shard's sum_n C^n and its gradient
+        if not flatten:
+            return jax.lax.psum((trace.loss, trace.grads), axis)
         flat, unravel = ravel_pytree((trace.loss, trace.grads))
         total_loss, grads = unravel(jax.lax.psum(flat, axis))  # one all-reduce for every leaf
         return total_loss, grads
