@@ -26,10 +26,10 @@ def _enable_x64_if(dtypes: Sequence[str]) -> None:
 def add_verify_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "verify",
-        help="random architectures through check_gradients (hand-written vs jax.grad)",
+        help="random architectures through check_gradients (hand-written vs JAX autodiff)",
         description="Draw random architectures (depth 1-8, widths 1-64, any activation per hidden "
         "layer, every valid output/cost pair, batch 1-64, both reductions) and compare the "
-        "hand-written gradient with jax.grad on each. Exit code 1 on any mismatch.",
+        "hand-written gradient with JAX autodiff on each. Exit code 1 on any mismatch.",
     )
     parser.add_argument("--trials", type=int, default=200, help="number of random architectures (default 200)")
     parser.add_argument(
@@ -107,7 +107,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train an MLP on a bundled dataset with the hand-written gradient",
-        description="Verify the hand-written gradient against jax.grad, then train an MLP with it (one "
+        description="Verify the hand-written gradient against JAX autodiff, then train an MLP with it (one "
         "jit-compiled lax.scan per epoch) and print the test accuracy and wall time. Defaults: "
         f"digits, sizes n_in,{TRAIN_DEFAULTS['hidden']},n_out, relu, minibatch SGD lr {TRAIN_DEFAULTS['lr']}, "
         f"batch {TRAIN_DEFAULTS['batch_size']}, {TRAIN_DEFAULTS['epochs']} epochs.",
@@ -409,8 +409,8 @@ def run_train(args: argparse.Namespace) -> int:
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="hand-written vs jax.grad speed (and PyTorch, scikit-learn, NumPy), as ratios",
-        description="Time the hand-written value_and_grad against jax.jit(jax.value_and_grad) of the same "
+        help="hand-written vs JAX autodiff speed (and PyTorch, scikit-learn, NumPy), as ratios",
+        description="Time the hand-written value_and_grad against jitted JAX autodiff of the same "
         "forward pass and cost, and CPU peers, interleaved in one process (medians of rounds); also compile "
         "time, compiled memory, an eager call and a training epoch. Prints markdown tables; needs the "
         "'bench' extra for the peers (pip install 'purebp[bench]').",
