@@ -418,7 +418,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--configs", default="tiny,mid,wide,deep", help="comma-separated: tiny, mid, wide, deep (default all)"
     )
-    parser.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds (default 30)")
+    parser.add_argument("--rounds", type=int, default=40, help="interleaved timing rounds (default 40)")
     parser.add_argument("--train-steps", type=int, default=50, help="SGD steps in one timed epoch (default 50)")
     parser.add_argument("--threads", type=int, default=None, help="peers' thread count (default: JAX's cores)")
     parser.add_argument("--no-peers", action="store_true", help="time only purebp and jax.grad")

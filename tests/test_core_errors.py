@@ -140,3 +140,15 @@ def test_out_of_range_label_under_user_jit_poisons_the_loss_instead_of_clamping(
     loss_fn = jax.jit(lambda n, x, y: pb.value_and_grad(n, x, y, loss="softmax_cross_entropy")[0])
     assert np.isfinite(float(loss_fn(net, x, LABELS)))
     assert np.isnan(float(loss_fn(net, x, jnp.asarray([0, 1, 2, 3, 1, 2]))))
+
+
+@pytest.mark.parametrize("function", [pb.value_and_grad, pb.grad, pb.backprop_trace])
+def test_bad_label_after_the_shapes_have_compiled_still_raises(net, x, monkeypatch, function):
+    """Once a signature has compiled, labels are checked while the pass runs: a bad one must still raise."""
+    monkeypatch.undo()  # this test does compile
+    function(net, x, LABELS, loss="softmax_cross_entropy")
+    function(net, x, LABELS, loss="softmax_cross_entropy")  # the overlapped path, good labels
+    with pytest.raises(ValueError, match=r"class label 3 at index 3 is outside \[0, 3\)"):
+        function(net, x, jnp.asarray([0, 1, 2, 3, 1, 2]), loss="softmax_cross_entropy")
+    with pytest.raises(ValueError, match=r"class label -1 at index 2 is outside \[0, 3\)"):
+        function(net, x, np.asarray([0, 1, -1, 0, 1, 2]), loss="softmax_cross_entropy")
