@@ -257,34 +257,31 @@ def interleaved_medians(
     *,
     min_seconds: float = 0.02,
     warmup_seconds: float = 0.01,
-    quiet_after: Sequence[str] = (),
-    quiet_seconds: float = 0.3,
+    idle_seconds: float = 0.0,
     seed: int = 0,
 ) -> dict[str, dict]:
     """Time every call in interleaved blocks; return {name: {median_s, spread, rounds}} per call.
 
     Each round runs one block per call, in a fresh order drawn from a seeded
     generator, so no contender always runs right after the same one. A block
-    repeats its call for ``warmup_seconds`` (thread pools and caches hot, as in
-    a training loop), then times back-to-back calls for at least
-    ``min_seconds``; the sample is the mean per call. After a block of a call
-    named in ``quiet_after`` the machine idles for ``quiet_seconds``: the peers'
-    BLAS threads keep spinning after a call (OpenBLAS: about 0.12 s of a core,
-    measured on the 2-core machine) and would slow whoever runs next.
+    starts with ``idle_seconds`` of sleep (used when peers take part: their
+    BLAS threads keep spinning after a call, OpenBLAS about 0.12 s of a core
+    on the 2-core machine, and would slow whoever runs next; every contender
+    gets the same idle start), repeats its call for ``warmup_seconds`` (thread
+    pools and caches hot, as in a training loop), then times back-to-back
+    calls for at least ``min_seconds``; the sample is the mean per call.
     ``spread`` is the interquartile range over the median: how noisy the run was.
     """
     order = random.Random(seed)
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for call in calls.values():
         call()  # compile and first-touch, outside every block
-    previous = None
     for _ in range(rounds):
         names = list(calls)
         order.shuffle(names)
         for name in names:
-            if previous in quiet_after:
-                time.sleep(quiet_seconds)
-            previous = name
+            if idle_seconds:
+                time.sleep(idle_seconds)
             call = calls[name]
             warm_until = time.perf_counter() + warmup_seconds
             call()
@@ -321,16 +318,25 @@ def matmul_ceiling(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def compile_stats(config: Config, name: str) -> dict:
-    """Return trace+lower seconds, compile seconds and compiled memory (bytes) of one jitted gradient, fresh."""
+def compile_stats(config: Config, name: str, repeats: int = 3) -> dict:
+    """Return trace+lower seconds, compile seconds (medians of ``repeats`` cold compiles) and compiled memory.
+
+    Every compile starts from ``jax.clear_caches()``, so neither contender
+    reuses a trace or an executable of an earlier measurement.
+    """
     net, x, y = make_problem(config)
     gradient = _jax_gradient(name)
-    jitted = jax.jit(lambda *args: gradient(*args))  # a new function: nothing cached from earlier calls
-    start = time.perf_counter()
-    lowered = jitted.trace(net, x, y).lower()
-    traced = time.perf_counter()
-    compiled = lowered.compile()
-    done = time.perf_counter()
+    trace_lower_times, compile_times = [], []
+    for _ in range(repeats):
+        jax.clear_caches()
+        jitted = jax.jit(lambda *args: gradient(*args))
+        start = time.perf_counter()
+        lowered = jitted.trace(net, x, y).lower()
+        traced = time.perf_counter()
+        compiled = lowered.compile()
+        done = time.perf_counter()
+        trace_lower_times.append(traced - start)
+        compile_times.append(done - traced)
     memory = compiled.memory_analysis()
     peak = getattr(memory, "peak_memory_in_bytes", None)
     if not peak:  # XLA:CPU does not report a peak: arguments + outputs + temporaries bound it
@@ -341,8 +347,8 @@ def compile_stats(config: Config, name: str) -> dict:
             - memory.alias_size_in_bytes
         )
     return {
-        "trace_lower_s": traced - start,
-        "compile_s": done - traced,
+        "trace_lower_s": statistics.median(trace_lower_times),
+        "compile_s": statistics.median(compile_times),
         "temp_bytes": int(memory.temp_size_in_bytes),
         "peak_bytes": int(peak),
     }
@@ -457,8 +463,9 @@ def _two_phases(calls: dict[str, Callable], peers: Sequence[str], rounds: int, p
 
     purebp and jax.grad are timed against each other with no peer in between
     (the ratio the targets are about). Each peer is then timed against
-    jax.grad in a second, interleaved phase with idle gaps after peer blocks,
-    and reported as a ratio to the jax.grad of that phase.
+    jax.grad in a second, interleaved phase where every block starts from an
+    idle machine and warms up for 0.1 s, and is reported as a ratio to the
+    jax.grad of that phase (whose median is the third element).
     """
     first = interleaved_medians({name: calls[name] for name in JAX_CONTENDERS}, rounds)
     for contender in JAX_CONTENDERS:
@@ -468,7 +475,8 @@ def _two_phases(calls: dict[str, Callable], peers: Sequence[str], rounds: int, p
         second = interleaved_medians(
             {"jax.grad": calls["jax.grad"], **{name: calls[name] for name in present}},
             peer_rounds,
-            quiet_after=present,
+            warmup_seconds=0.1,
+            idle_seconds=0.3,
         )
         for contender in present:
             yield contender, second[contender], second["jax.grad"]["median_s"]
@@ -526,6 +534,7 @@ def run(
                         "ceiling_pct": 100 * gflops / result["ceiling_gflops"],
                         "spread_pct": 100 * timing["spread"],
                         "max_rel_error_vs_purebp": errors[contender],
+                        "baseline_us": base * 1e6,
                     }
                 )
             progress(f"{name}: training epoch ({train_steps} steps)")
@@ -539,6 +548,7 @@ def run(
                         "samples_per_s": train_steps * config.batch / timing["median_s"],
                         "ratio": timing["median_s"] / base,
                         "spread_pct": 100 * timing["spread"],
+                        "baseline_ms": base * 1e3,
                     }
                 )
         result["gradient"], result["training"] = gradient_rows, training_rows
@@ -637,11 +647,22 @@ def to_markdown(result: dict) -> str:
         f"versions {', '.join(f'{k} {v}' for k, v in info['versions'].items())}; peers pinned to "
         f"{result['threads']} threads; {load}; medians of {result['rounds']} interleaved rounds of timed blocks.",
         "purebp and jax.grad are timed against each other alone; each peer is timed against jax.grad in a second "
-        "phase (idle gaps after peer blocks: their BLAS threads spin on), and its ratio is to that phase's jax.grad.",
+        "phase (every block starts idle, then warms up 0.1 s: the peers' BLAS threads spin on after a call), and "
+        "its ratio is to that phase's jax.grad, whose time is in the last column.",
         f"Matmul ceiling (jitted float32 2048^3, or the run's size): {result['ceiling_gflops']:.1f} GFLOP/s.",
         "### value_and_grad (float32, mean softmax cross-entropy; ratio to jax.jit(jax.value_and_grad))",
         _table(
-            ["config", "contender", "median µs", "ratio", "GFLOP/s", "% ceiling", "spread (IQR)", "rel. err vs purebp"],
+            [
+                "config",
+                "contender",
+                "median µs",
+                "ratio",
+                "GFLOP/s",
+                "% ceiling",
+                "spread (IQR)",
+                "rel. err vs purebp",
+                "jax.grad µs (same phase)",
+            ],
             [
                 [
                     r["config"],
@@ -652,13 +673,22 @@ def to_markdown(result: dict) -> str:
                     f"{r['ceiling_pct']:.0f}%",
                     f"{r['spread_pct']:.1f}%",
                     f"{r['max_rel_error_vs_purebp']:.1e}",
+                    f"{r['baseline_us']:.1f}",
                 ]
                 for r in result["gradient"]
             ],
         ),
         "### training epoch (optax/torch SGD, lr 0.01; JAX: one jitted lax.scan of steps)",
         _table(
-            ["config", "contender", "epoch ms", "samples/s", "time ratio to jax.grad", "spread (IQR)"],
+            [
+                "config",
+                "contender",
+                "epoch ms",
+                "samples/s",
+                "time ratio to jax.grad",
+                "spread (IQR)",
+                "jax.grad ms (same phase)",
+            ],
             [
                 [
                     r["config"],
@@ -667,6 +697,7 @@ def to_markdown(result: dict) -> str:
                     f"{r['samples_per_s']:.0f}",
                     f"{r['ratio']:.3f}",
                     f"{r['spread_pct']:.1f}%",
+                    f"{r['baseline_ms']:.2f}",
                 ]
                 for r in result["training"]
             ],
