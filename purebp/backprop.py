@@ -217,10 +217,12 @@ def _checked_call(jitted, net: Network, x: Array, y: Array, loss: str, reduction
 
     The static checks come first, always. On the first call for a signature
     the label values are checked too before anything is dispatched, so bad
-    input never costs a compile. On later calls the computation is dispatched
-    first and the labels are checked while it runs: a bad label still raises
-    and no result is returned, but the host work hides behind the device's
-    (measured: an eager call on tiny 28 us cheaper than checking first).
+    input does not cost a compile (after ``jax.clear_caches()`` a signature
+    seen before may compile again before its labels are checked). On later
+    calls the computation is dispatched first and the labels are checked
+    while it runs: a bad label still raises and no result is returned, but
+    the host work hides behind the computation (measured: an eager call on
+    tiny 28 us cheaper than checking first, 1.01-1.03x a jitted jax.grad call).
     """
     key = (jitted, _check_static(net, x, y, loss, reduction))
     if key not in _CALLED:
