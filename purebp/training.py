@@ -398,6 +398,8 @@ def fit(
     - ``checkpoint``: a path saved every ``checkpoint_every`` epochs and at the end
       (and with the last finite parameters on divergence); ``resume=True`` continues
       from it when it exists, giving bit for bit the parameters of an uninterrupted run.
+      A larger ``epochs`` or ``steps`` extends a finished run that ended on a whole
+      epoch, bit for bit as if the longer run had been asked for from the start.
     - ``callback(epoch, row)`` is called after every epoch with that epoch's history row.
     - ``mesh``: data-parallel training over the mesh's "data" axis
       (``purebp.distributed.make_data_mesh()``); ``batch_size`` must divide by
@@ -477,7 +479,7 @@ def fit(
 
         restored = _checkpoint.load_checkpoint_if_exists(checkpoint, opt_state_template=opt_state)
         if restored is not None:
-            _check_resumable(restored, config, key, checkpoint)
+            _check_resumable(restored, config, key, checkpoint, plan)
             net, opt_state = restored.net, restored.opt_state
             start_epoch = restored.metadata["epoch"] + 1
             history = {name: list(values) for name, values in restored.metadata["history"].items()}
@@ -556,14 +558,40 @@ def fit(
     return net, history
 
 
-def _check_resumable(restored: Any, config: dict, key: Array, path: str) -> None:
+def _check_resumable(restored: Any, config: dict, key: Array, path: str, plan: _Plan) -> None:
+    """Refuse a checkpoint from a different run; a longer run may extend one that ended on a full epoch.
+
+    Every setting must match except the total step count. A different total
+    is accepted when this run's schedule reproduces every step the checkpoint
+    holds (same epochs, each as long as it was) and asks for at least as many:
+    the extended run then equals one that was asked for the longer total from
+    the start, bit for bit.
+    """
     saved = restored.metadata.get("config", {})
-    different = sorted(name for name in config if saved.get(name) != config[name])
+    different = sorted(name for name in config if name != "total_steps" and saved.get(name) != config[name])
     if different:
         details = "; ".join(f"{name}: checkpoint {saved.get(name)!r}, now {config[name]!r}" for name in different)
         raise ValueError(f"cannot resume from {path}: it was written by a different run ({details})")
     if restored.key is None or not np.array_equal(jax.random.key_data(restored.key), jax.random.key_data(key)):
         raise ValueError(f"cannot resume from {path}: it was written with a different key")
+    epoch = restored.metadata["epoch"]
+    if restored.step > plan.total_steps:
+        raise ValueError(
+            f"cannot resume from {path}: it already holds {restored.step} steps, more than the "
+            f"{plan.total_steps} asked for"
+        )
+    expected = sum(plan.steps_in(e) for e in range(epoch + 1))
+    if expected != restored.step and saved.get("total_steps") != plan.total_steps:
+        raise ValueError(
+            f"cannot resume from {path}: its {restored.step} steps end in epoch {epoch}, which was cut short "
+            f"by its total of {saved.get('total_steps')} steps; a run of {plan.total_steps} steps would have "
+            f"taken {plan.steps_per_epoch} steps in that epoch (resume with the same total, or start afresh)"
+        )
+    if expected != restored.step:
+        raise ValueError(
+            f"cannot resume from {path}: it holds {restored.step} steps through epoch {epoch}, but this run "
+            f"takes {expected} steps through that epoch (a training set of a different size?)"
+        )
 
 
 def _save(path, net, opt_state, step, key, config, epoch, history) -> None:

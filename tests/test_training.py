@@ -248,6 +248,32 @@ def test_resume_without_a_checkpoint_file_starts_fresh_and_refuses_a_different_r
     assert os.path.exists(path)
 
 
+def test_a_finished_run_extends_to_more_epochs_exactly_like_the_longer_run(tmp_path):
+    net, x, y = _classification()
+    options = dict(
+        loss="softmax_cross_entropy", optimizer=optax.adam(1e-2), batch_size=16, key=jax.random.key(5), eval=(x, y)
+    )
+    longer, history = pb.fit(net, (x, y), epochs=5, **options)
+    path = str(tmp_path / "run.ckpt")
+    pb.fit(net, (x, y), epochs=3, checkpoint=path, **options)
+    epochs_run = []
+    extended, extended_history = pb.fit(
+        net, (x, y), epochs=5, checkpoint=path, resume=True, callback=lambda e, row: epochs_run.append(e), **options
+    )
+    assert epochs_run == [3, 4]
+    _assert_identical(extended, longer)
+    for name in ("epoch", "step", "train_loss", "eval_loss", "eval_accuracy"):
+        assert extended_history[name] == history[name]
+    assert pb.load_checkpoint(path).step == 30
+    with pytest.raises(ValueError, match="already holds 30 steps, more than the 12 asked for"):
+        pb.fit(net, (x, y), epochs=2, checkpoint=path, resume=True, **options)
+    # 20 steps of 6 per epoch end with an epoch of 2: a 40-step run would have taken 6 there
+    partial = str(tmp_path / "partial.ckpt")
+    pb.fit(net, (x, y), steps=20, checkpoint=partial, **options)
+    with pytest.raises(ValueError, match="cut short by its total of 20 steps"):
+        pb.fit(net, (x, y), steps=40, checkpoint=partial, resume=True, **options)
+
+
 # ---------------------------------------------------------------- bad input, before anything compiles
 
 
