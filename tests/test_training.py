@@ -274,6 +274,18 @@ def test_a_finished_run_extends_to_more_epochs_exactly_like_the_longer_run(tmp_p
         pb.fit(net, (x, y), steps=40, checkpoint=partial, resume=True, **options)
 
 
+def test_only_process_zero_writes_the_checkpoint(tmp_path, monkeypatch):
+    """In a multi-process run every process holds the same parameters; one writer, or they race on one file."""
+    net, x, y = _classification()
+    options = dict(loss="softmax_cross_entropy", epochs=1, batch_size=16, key=jax.random.key(0))
+    monkeypatch.setattr(jax, "process_index", lambda *args, **kwargs: 1)
+    pb.fit(net, (x, y), checkpoint=str(tmp_path / "worker.ckpt"), **options)
+    assert not (tmp_path / "worker.ckpt").exists()
+    monkeypatch.setattr(jax, "process_index", lambda *args, **kwargs: 0)
+    pb.fit(net, (x, y), checkpoint=str(tmp_path / "writer.ckpt"), **options)
+    assert (tmp_path / "writer.ckpt").exists()
+
+
 # ---------------------------------------------------------------- bad input, before anything compiles
 
 
