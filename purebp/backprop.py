@@ -134,6 +134,7 @@ def _forward_jit(net: Network, x: Array) -> Array:
 
 def forward(net: Network, x: Array) -> Array:
     """Return the network's output a^L for a batch x of shape (N, n_in): shape (N, n_out)."""
+    x, _ = coerce_inputs(net, x)
     validate_inputs(net, x)
     return _forward_jit(net, x)
 
@@ -171,6 +172,56 @@ def _signature(array: object) -> tuple:
     if shape is None or dtype is None:
         raise TypeError(f"expected an array, got {type(array).__name__}")
     return tuple(shape), jax.dtypes.canonicalize_dtype(dtype)
+
+
+def coerce_inputs(net: Network, x: object, y: object = None) -> tuple[object, object]:
+    """Cast floating NumPy inputs to the network's dtype (``jnp.asarray(x, dtype)``); JAX arrays pass unchanged.
+
+    JAX's convention: host data (NumPy arrays, which default to float64) is
+    converted to the dtype the computation runs in, while a JAX array of
+    another dtype is a mistake in the caller's program and is refused by
+    ``validate_inputs``. Integer labels are never cast.
+    """
+    dtype = _parameter_dtype(net)
+    return _cast_host(x, dtype), _cast_host(y, dtype)
+
+
+def _parameter_dtype(net: Network) -> np.dtype | None:
+    leaves = jax.tree.leaves(net) if isinstance(net, Network) else []
+    return getattr(leaves[0], "dtype", None) if leaves else None
+
+
+def _cast_host(array: object, dtype: np.dtype | None) -> object:
+    if dtype is None or not isinstance(array, (np.ndarray, np.generic)):
+        return array
+    if jnp.issubdtype(array.dtype, jnp.floating) and array.dtype != dtype:
+        return np.asarray(array, dtype=dtype)
+    return array
+
+
+def check_finite(context: str, **arrays: Array | None) -> None:
+    """Raise ValueError naming the first row and column where one of ``arrays`` is NaN or infinite.
+
+    ``check_finite("the training data", x=x, y=y)``; integer arrays, None and
+    tracers are skipped. Used before training and before a gradient check: a
+    NaN in the data is not a wrong gradient, and should not be reported as one.
+    """
+    for name, array in arrays.items():
+        if array is None or isinstance(array, jax.core.Tracer):
+            continue
+        values = np.asarray(array)
+        if not jnp.issubdtype(values.dtype, jnp.inexact):
+            continue
+        finite = np.isfinite(values.astype(np.float32) if values.dtype.itemsize < 4 else values)
+        if finite.all():
+            continue
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        where = ", ".join(f"{axis} {i}" for axis, i in zip(("row", "column"), first))
+        where += "".join(f", index {i}" for i in first[2:])
+        raise ValueError(
+            f"{context} is not finite: {name}[{', '.join(map(str, first))}] is {values[first]} ({where}; "
+            f"{int((~finite).sum())} non-finite values in {name} in all); remove or replace them first"
+        )
 
 
 def validate_inputs(
@@ -224,6 +275,7 @@ def _checked_call(jitted, net: Network, x: Array, y: Array, loss: str, reduction
     the host work hides behind the computation (measured: an eager call on
     tiny 28 us cheaper than checking first, 1.01-1.03x a jitted jax.grad call).
     """
+    x, y = coerce_inputs(net, x, y)
     key = (jitted, _check_static(net, x, y, loss, reduction))
     if key not in _CALLED:
         _check_values(net, y, loss)
@@ -296,9 +348,16 @@ def _validate_target_values(y: np.ndarray, loss: str, n_out: int) -> None:
                 f"class label {y[bad[0]]} at index {bad[0]} is outside [0, {n_out}) "
                 f"({bad.size} labels out of range); the network has {n_out} outputs"
             )
+    elif loss in _losses.CLASSIFICATION_LOSSES:  # one-hot or soft labels: probabilities
+        _check_unit_interval(y, f"{loss} targets given as one-hot or soft labels")
     elif loss == "binary_cross_entropy":
-        bad = np.flatnonzero(~((y >= 0) & (y <= 1)))
-        if bad.size:
-            raise ValueError(
-                f"binary_cross_entropy targets must lie in [0, 1]; got {y.flat[bad[0]]} at flat index {bad[0]}"
-            )
+        _check_unit_interval(y, "binary_cross_entropy targets")
+
+
+def _check_unit_interval(y: np.ndarray, what: str) -> None:
+    if y.min() >= 0 and y.max() <= 1:  # NaN fails both: it falls through to the search
+        return
+    bad = np.argwhere(~((y >= 0) & (y <= 1)))
+    if bad.size:
+        position = ", ".join(map(str, bad[0]))
+        raise ValueError(f"{what} must lie in [0, 1]; got {y[tuple(bad[0])]} at y[{position}]")

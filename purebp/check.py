@@ -159,7 +159,14 @@ def check_gradients(
     if tolerance is None:
         tolerance = TOLERANCE.get(dtype, 1e-5)
     floor = FLOOR.get(dtype, FLOOR[np.dtype("float32")])
+    x, y = _backprop.coerce_inputs(net, x, y)
+    # a NaN in the inputs makes both gradients NaN: say so instead of reporting a mismatch
+    _backprop.check_finite("check_gradients: the input", x=x, y=y)
     _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    leaves = jax.tree.leaves(net)
+    _backprop.check_finite(
+        "check_gradients: the network", **{f"layer {i // 2} {'wb'[i % 2]}": leaf for i, leaf in enumerate(leaves)}
+    )
     with jax.default_matmul_precision("highest"):
         value_h, grads_h = _backprop._value_and_grad_jit(net, x, y, loss, reduction)
         value_g, grads_g = _autodiff_value_and_grad_jit(net, x, y, loss, reduction)

@@ -113,7 +113,10 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         f"batch {TRAIN_DEFAULTS['batch_size']}, {TRAIN_DEFAULTS['epochs']} epochs.",
     )
     parser.add_argument("--dataset", choices=("digits", "mnist1d", "mnist5k", "synthetic", "synthetic-regression"))
-    parser.add_argument("--sizes", help="layer widths, e.g. 64,128,10 (default: n_in,128,n_out of the dataset)")
+    parser.add_argument(
+        "--sizes",
+        help=f"layer widths, e.g. 64,128,10 (default: n_in,{TRAIN_DEFAULTS['hidden']},n_out of the dataset)",
+    )
     parser.add_argument("--activation", default="relu", help="hidden-layer activation (default relu)")
     parser.add_argument("--output", help="output activation (default: the one the loss is defined on)")
     parser.add_argument(
@@ -125,11 +128,17 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         default=TRAIN_DEFAULTS["optimizer"],
         help="gd: full-batch gradient descent; sgd: minibatch; momentum: sgd with momentum 0.9; adam (default sgd)",
     )
-    parser.add_argument("--lr", type=float, default=TRAIN_DEFAULTS["lr"], help="learning rate (default 0.1)")
+    parser.add_argument(
+        "--lr", type=float, default=TRAIN_DEFAULTS["lr"], help=f"learning rate (default {TRAIN_DEFAULTS['lr']})"
+    )
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help=f"epochs (default {TRAIN_DEFAULTS['epochs']})")
     length.add_argument("--steps", type=int, help="optimizer steps instead of epochs")
-    parser.add_argument("--batch-size", type=int, help="minibatch size (default 32; gd uses the whole training set)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"minibatch size (default {TRAIN_DEFAULTS['batch_size']}; gd uses the whole training set)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the shuffling (default 0)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--gradient", choices=("handwritten", "autodiff"), default="handwritten")
@@ -137,7 +146,11 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-verify", action="store_true", help="skip the gradient check before training")
     parser.add_argument("--checkpoint", metavar="PATH", help="save a checkpoint here (atomically)")
     parser.add_argument("--checkpoint-every", type=int, default=1, metavar="K", help="every K epochs (default 1)")
-    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --checkpoint if it exists (to more steps or epochs too; a changed setting is refused)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the final metrics, config and history as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write loss and accuracy curves as a PNG")
     scale = parser.add_argument_group(
@@ -173,7 +186,7 @@ def _train_setup(args: argparse.Namespace):
     import jax
 
     from purebp import data
-    from purebp.training import _plan, make_optimizer
+    from purebp.training import make_optimizer, make_schedule
 
     if args.resume and not args.checkpoint:
         raise ValueError("--resume needs --checkpoint PATH")
@@ -184,6 +197,10 @@ def _train_setup(args: argparse.Namespace):
     loss = args.loss or ("softmax_cross_entropy" if dataset.is_classification else "mse")
     if loss not in OUTPUT_FOR_LOSS:
         raise ValueError(f"unknown loss {loss!r}; valid losses: {', '.join(OUTPUT_FOR_LOSS)}")
+    if dataset.is_classification and loss in ("mse", "binary_cross_entropy"):
+        dataset = _one_hot_targets(dataset, args.dtype)  # these costs take one target per output
+    elif not dataset.is_classification and loss != "mse":
+        raise ValueError(f"--loss {loss} needs class labels, but {args.dataset} is a regression dataset: use mse")
     sizes = (
         _parse_sizes(args.sizes) if args.sizes else (dataset.n_features, TRAIN_DEFAULTS["hidden"], dataset.n_outputs)
     )
@@ -204,8 +221,20 @@ def _train_setup(args: argparse.Namespace):
         if args.steps is not None
         else {"epochs": args.epochs if args.epochs is not None else TRAIN_DEFAULTS["epochs"]}
     )
-    _plan(n_train, batch_size, length.get("epochs"), length.get("steps"), jax.random.key(args.seed))  # checks them
-    return dataset, sizes, activations, loss, optimizer, batch_size, length
+    schedule = make_schedule(n_train, batch_size, length.get("epochs"), length.get("steps"), jax.random.key(args.seed))
+    return dataset, sizes, activations, loss, optimizer, schedule, length
+
+
+def _one_hot_targets(dataset, dtype: str):
+    """The same dataset with one-hot float targets (N, C) in place of integer labels."""
+    import dataclasses
+
+    import numpy as np
+
+    def one_hot(labels):
+        return np.eye(dataset.num_classes, dtype=dtype)[labels]
+
+    return dataclasses.replace(dataset, y_train=one_hot(dataset.y_train), y_test=one_hot(dataset.y_test))
 
 
 def _progress_bar(total: int, metric: str):
@@ -304,15 +333,14 @@ def run_train(args: argparse.Namespace) -> int:
             print("purebp train: error: --plot needs matplotlib: pip install 'purebp[plot]'", file=sys.stderr)
             return 2
     import json
-    import math
 
     import jax
 
     from purebp.network import init_mlp
-    from purebp.training import DivergenceError, GradientMismatchError, evaluate, fit
+    from purebp.training import DivergenceError, GradientMismatchError, evaluate, fit, format_epochs
 
     try:
-        dataset, sizes, activations, loss, optimizer, batch_size, length = _train_setup(args)
+        dataset, sizes, activations, loss, optimizer, schedule, length = _train_setup(args)
         init_key, shuffle_key = jax.random.split(jax.random.key(args.seed))
         net = init_mlp(init_key, sizes, activations, dtype=args.dtype)
         bar, on_epoch = _progress_bar(0, "eval_accuracy")  # fails early if tqdm is missing
@@ -320,15 +348,38 @@ def run_train(args: argparse.Namespace) -> int:
     except (ImportError, TypeError, ValueError) as error:
         print(f"purebp train: error: {error}", file=sys.stderr)
         return 2
-    n_train = len(dataset.x_train)
-    steps_per_epoch = max(n_train // max(batch_size, 1), 1)  # for the bar only: fit checks batch_size
-    total_epochs = length.get("epochs") or math.ceil(length["steps"] / steps_per_epoch)
-    bar, on_epoch = _progress_bar(total_epochs, "eval_accuracy")
+    batch_size = schedule.batch_size
+    description = (
+        f"{args.dataset}: sizes {','.join(map(str, sizes))} {','.join(activations)}, {loss}, "
+        f"{args.optimizer} lr {args.lr}, batch {batch_size}, {args.gradient} gradient"
+    )
+    print(f"purebp train: {description}; {schedule.describe()}", flush=True)
+    bar, on_epoch = _progress_bar(schedule.num_epochs, "eval_accuracy")
     mesh = None
     if multi_process:
         from purebp import distributed
 
         mesh = distributed.make_data_mesh()
+    # what shapes the trajectory, compared when a run resumes
+    settings = {
+        "--dataset": args.dataset,
+        "--standardize": not args.no_standardize,
+        "--sizes": ",".join(map(str, sizes)),
+        "--activation": args.activation,
+        "--output": activations[-1],
+        "--loss": loss,
+        "--optimizer": args.optimizer,
+        "--lr": args.lr,
+        "--batch-size": batch_size,
+        "--seed": args.seed,
+        "--dtype": args.dtype,
+        "--gradient": args.gradient,
+    }
+
+    def log(message: str) -> None:
+        if not multi_process or jax.process_index() == 0:
+            print(f"purebp train: {message}", flush=True)
+
     try:
         trained, history = fit(
             net,
@@ -346,6 +397,8 @@ def run_train(args: argparse.Namespace) -> int:
             callback=on_epoch,
             mesh=mesh,
             stop=stop,
+            settings=settings,
+            log=log,
             **length,
         )
     except _process_failure_error() as error:
@@ -364,14 +417,11 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     finally:
         bar.close()
-    test = evaluate(trained, *dataset.test, loss=loss)
+    test = evaluate(trained, *dataset.test, loss=loss, accuracy=dataset.is_classification)
     wall = time.perf_counter() - started
     steps_done = history["step"][-1] if history["step"] else 0
-    summary = (
-        f"{args.dataset}: sizes {','.join(map(str, sizes))} {','.join(activations)}, {args.optimizer} lr {args.lr}, "
-        f"batch {batch_size}, {len(history['epoch'])} epochs / {steps_done} steps, {args.gradient} gradient"
-    )
-    print(summary)
+    trained_for = f"{format_epochs(steps_done, schedule.steps_per_epoch)} ({steps_done} steps)"
+    print(f"{description}: trained for {trained_for}")
     if "accuracy" in test:
         correct = round(test["accuracy"] * len(dataset.x_test))
         accuracy = f"{100 * test['accuracy']:.2f}% ({correct}/{len(dataset.x_test)})"
@@ -379,9 +429,11 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         print(f"test loss {test['loss']:.4g}")
     print(f"wall time {wall:.1f} s (data, gradient check, compile and training; {jax.devices()[0].platform})")
-    total_steps = length.get("steps") or length["epochs"] * steps_per_epoch
-    if steps_done < total_steps:
-        print(f"stopped by SIGTERM after step {steps_done} of {total_steps}; checkpoint {args.checkpoint} written")
+    if steps_done < schedule.total_steps:
+        print(
+            f"stopped by SIGTERM after step {steps_done} of {schedule.total_steps}; checkpoint {args.checkpoint} "
+            "written (rerun the same command with --resume to continue)"
+        )
     if multi_process:
         print(f"process {jax.process_index()} of {jax.process_count()}: parameters sha256 {_digest(trained)}")
         if jax.process_index() != 0:  # one writer for the shared outputs
@@ -395,11 +447,11 @@ def run_train(args: argparse.Namespace) -> int:
     if args.json:
         metrics = {f"test_{name}": value for name, value in test.items()}
         metrics |= {"train_loss": history["train_loss"][-1] if history["train_loss"] else None}
-        metrics |= {"wall_time_s": wall, "epochs": len(history["epoch"]), "steps": steps_done}
+        metrics |= {"wall_time_s": wall, "epochs": steps_done / schedule.steps_per_epoch, "steps": steps_done}
         with open(args.json, "w") as file:
             json.dump({"metrics": metrics, "config": config, "history": history}, file, indent=2)
     if args.plot:
-        _plot(args.plot, history, summary.split(",")[0])
+        _plot(args.plot, history, f"{args.dataset}: sizes {','.join(map(str, sizes))} {','.join(activations)}")
     return 0
 
 

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+import logging
 import math
 import os
 import time
@@ -34,6 +37,7 @@ import optax
 from purebp import backprop as _backprop
 from purebp import check as _check
 from purebp import losses as _losses
+from purebp import programs
 from purebp.network import Network, validate_network
 
 Array = jax.Array
@@ -153,10 +157,6 @@ class EpochState(NamedTuple):
     bad_step: Array
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("optimizer", "loss", "reduction", "gradient", "batch_size", "num_batches", "shuffle", "mesh"),
-)
 def run_epoch(
     state: EpochState,
     key: Array,
@@ -171,24 +171,63 @@ def run_epoch(
     num_batches: int,
     shuffle: bool,
     mesh: jax.sharding.Mesh | None = None,
+    start: int | Array = 0,
 ) -> tuple[EpochState, Array]:
     """Run ``num_batches`` steps from ``state`` as one ``lax.scan``; return (final ``EpochState``, per-step losses).
 
-    Batch i is examples ``order[i * batch_size:(i + 1) * batch_size]`` with
-    ``order = jax.random.permutation(key, N)`` (or 0..N-1 when not
-    ``shuffle``). Losses of skipped steps (after a non-finite loss) are NaN.
-    With a ``mesh`` each step's gradient is data-parallel over its "data" axis
-    (``batch_size`` must divide by its size; ``fit`` checks); ``fit`` itself
-    uses ``run_sharded_epoch``, which also works across processes.
+    Batch i is examples ``order[(start + i) * batch_size:(start + i + 1) * batch_size]``
+    with ``order = jax.random.permutation(key, N)`` (or 0..N-1 when not
+    ``shuffle``): ``start`` > 0 runs the rest of an epoch that was cut short,
+    with the same batches the whole epoch would have used. Losses of skipped
+    steps (after a non-finite loss) are NaN. With a ``mesh`` each step's
+    gradient is data-parallel over its "data" axis (``batch_size`` must divide
+    by its size; ``fit`` checks); ``fit`` itself uses ``run_sharded_epoch``,
+    which also works across processes.
+
+    The compiled program is keyed on ``programs.program_key(optimizer.update)``,
+    not on the optimizer object: a new optax object that computes the same thing
+    (``optax.inject_hyperparams`` keeps the numbers in the state) reuses it.
     """
-    step = make_train_step(optimizer, loss=loss, reduction=reduction, gradient=gradient, mesh=mesh)
+    return _run_epoch_jit(
+        state,
+        key,
+        x,
+        y,
+        jnp.asarray(start, dtype=jnp.int32),
+        update=programs.Static(optimizer.update),
+        loss=loss,
+        reduction=reduction,
+        gradient=gradient,
+        batch_size=batch_size,
+        num_batches=num_batches,
+        shuffle=shuffle,
+        mesh=mesh,
+    )
+
+
+def _with_update(update: programs.Static) -> optax.GradientTransformation:
+    # inside the program only update runs: init stays outside, in fit
+    def init(params: Any) -> Any:
+        raise RuntimeError("the compiled epoch never initialises the optimizer state")
+
+    return optax.GradientTransformation(init, update.value)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("update", "loss", "reduction", "gradient", "batch_size", "num_batches", "shuffle", "mesh"),
+)
+def _run_epoch_jit(
+    state, key, x, y, start, *, update, loss, reduction, gradient, batch_size, num_batches, shuffle, mesh
+):
+    step = make_train_step(_with_update(update), loss=loss, reduction=reduction, gradient=gradient, mesh=mesh)
     n = x.shape[0]
     order = jax.random.permutation(key, n) if shuffle else jnp.arange(n)
-    batches = order[: num_batches * batch_size].reshape(num_batches, batch_size)
+    used = jax.lax.dynamic_slice_in_dim(order, start * batch_size, num_batches * batch_size)
+    batches = used.reshape(num_batches, batch_size)
     return _guarded_scan(step, state, batches, lambda indices: (x[indices], y[indices]))
 
 
-@functools.partial(jax.jit, static_argnames=("optimizer", "loss", "reduction", "mesh"))
 def run_sharded_epoch(
     state: EpochState,
     x_batches: Array,
@@ -204,9 +243,22 @@ def run_sharded_epoch(
     The batches are global arrays split over the mesh's "data" axis along
     dimension 1 (``purebp.distributed.shard_epoch``: in a multi-process run each
     process holds only its share); ``state`` is replicated. Returns the same as
-    ``run_epoch``, replicated.
+    ``run_epoch``, replicated; compiled programs are keyed as ``run_epoch``'s.
     """
-    step = make_train_step(optimizer, loss=loss, reduction=reduction, mesh=mesh)
+    return _run_sharded_epoch_jit(
+        state,
+        x_batches,
+        y_batches,
+        update=programs.Static(optimizer.update),
+        loss=loss,
+        reduction=reduction,
+        mesh=mesh,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("update", "loss", "reduction", "mesh"))
+def _run_sharded_epoch_jit(state, x_batches, y_batches, *, update, loss, reduction, mesh):
+    step = make_train_step(_with_update(update), loss=loss, reduction=reduction, mesh=mesh)
     return _guarded_scan(step, state, (x_batches, y_batches), lambda batch: batch)
 
 
@@ -257,17 +309,22 @@ def _evaluate_jit(net: Network, x: Array, y: Array, loss: str, reduction: str) -
     return value, accuracy
 
 
-def evaluate(net: Network, x: Array, y: Array, *, loss: str, reduction: str = "mean") -> dict[str, float]:
+def evaluate(
+    net: Network, x: Array, y: Array, *, loss: str, reduction: str = "mean", accuracy: bool | None = None
+) -> dict[str, float]:
     """Return {"loss": L, "accuracy": fraction of argmax outputs equal to the labels} on (x, y).
 
-    ``accuracy`` is present only for the classification losses (cross_entropy,
-    softmax_cross_entropy); y may be integer labels or one-hot rows.
+    ``accuracy`` is reported by default only for the classification losses
+    (cross_entropy, softmax_cross_entropy); ``accuracy=True`` reports it for
+    any loss whose targets are class labels or one-hot rows (e.g. mse on
+    one-hot targets), comparing the argmax of the output with the argmax of y.
     """
+    x, y = _backprop.coerce_inputs(net, x, y)
     _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
-    value, accuracy = _evaluate_jit(net, x, y, loss, reduction)
+    value, correct = _evaluate_jit(net, x, y, loss, reduction)
     metrics = {"loss": float(value)}
-    if loss in _losses.CLASSIFICATION_LOSSES:
-        metrics["accuracy"] = float(accuracy)
+    if accuracy or (accuracy is None and loss in _losses.CLASSIFICATION_LOSSES):
+        metrics["accuracy"] = float(correct)
     return metrics
 
 
@@ -297,14 +354,20 @@ OPTIMIZERS = ("gd", "sgd", "momentum", "adam")
 def make_optimizer(name: str, learning_rate: float, *, momentum: float = 0.9) -> optax.GradientTransformation:
     """Return the optax transformation for ``name``: gd and sgd are ``optax.sgd(lr)`` (plain
     theta <- theta - lr grad; gd means full batch), momentum is ``optax.sgd(lr, momentum)``,
-    adam is ``optax.adam(lr)``."""
+    adam is ``optax.adam(lr)``.
+
+    Each is built with ``optax.inject_hyperparams``, so the learning rate (and
+    momentum) live in the optimizer state as arrays, not in the compiled
+    program: ``fit`` compiles once for a whole learning-rate sweep, and a
+    resumed run that changes the rate is told so, with both values.
+    """
     learning_rate = validate_learning_rate(learning_rate)
     if name in ("gd", "sgd"):
-        return optax.sgd(learning_rate)
+        return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate)
     if name == "momentum":
-        return optax.sgd(learning_rate, momentum=momentum)
+        return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate, momentum=momentum)
     if name == "adam":
-        return optax.adam(learning_rate)
+        return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
     raise ValueError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
 
 
@@ -329,20 +392,52 @@ def _split_pair(name: str, pair: object) -> tuple[Array, Array]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
-    """The validated schedule: how many epochs, and how many steps in each."""
+class Schedule:
+    """The validated schedule: ``total_steps`` steps of ``batch_size``, ``steps_per_epoch`` to an epoch.
+
+    Step s (global, from 0) is step ``s % steps_per_epoch`` of epoch
+    ``s // steps_per_epoch``, whose shuffle is ``fold_in(key, epoch)``: where a
+    run stops, mid-epoch too, the rest is known, so any run can be extended.
+    """
 
     batch_size: int
     steps_per_epoch: int
-    num_epochs: int
     total_steps: int
     shuffle: bool
 
-    def steps_in(self, epoch: int) -> int:
-        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+    @property
+    def num_epochs(self) -> int:
+        """Epochs touched, the last one possibly cut short."""
+        return -(-self.total_steps // self.steps_per_epoch)
+
+    def chunks(self, start: int) -> list[tuple[int, int, int]]:
+        """Return (epoch, first step in that epoch, number of steps) from global step ``start`` to the end."""
+        chunks, step = [], start
+        while step < self.total_steps:
+            epoch, offset = divmod(step, self.steps_per_epoch)
+            count = min(self.steps_per_epoch - offset, self.total_steps - step)
+            chunks.append((epoch, offset, count))
+            step += count
+        return chunks
+
+    def describe(self, steps: int | None = None) -> str:
+        """E.g. "40 steps = 0.91 epochs, 44 steps per epoch" or "88 steps = 2 epochs, 44 steps per epoch"."""
+        steps = self.total_steps if steps is None else steps
+        return f"{steps} step{'s' * (steps != 1)} = {format_epochs(steps, self.steps_per_epoch)}, " + (
+            f"{self.steps_per_epoch} step{'s' * (self.steps_per_epoch != 1)} per epoch"
+        )
 
 
-def _plan(n: int, batch_size: int | None, epochs: int | None, steps: int | None, key: Array | None) -> _Plan:
+def format_epochs(steps: int, steps_per_epoch: int) -> str:
+    """Return "1 epoch", "3 epochs" or "0.91 epochs": ``steps`` counted in epochs."""
+    whole, rest = divmod(steps, steps_per_epoch)
+    if rest == 0:
+        return f"{whole} epoch{'s' * (whole != 1)}"
+    return f"{steps / steps_per_epoch:.2f} epochs"
+
+
+def make_schedule(n: int, batch_size: int | None, epochs: int | None, steps: int | None, key: Array | None) -> Schedule:
+    """Validate a training length and batch size for ``n`` examples; return the ``Schedule``."""
     if batch_size is None:
         batch_size = n
     batch_size = _positive_int("batch_size", batch_size)
@@ -355,10 +450,31 @@ def _plan(n: int, batch_size: int | None, epochs: int | None, steps: int | None,
     shuffle = batch_size < n
     if shuffle and key is None:
         raise ValueError("minibatches are shuffled from a key: pass key=jax.random.key(seed) (or use a full batch)")
-    return _Plan(batch_size, steps_per_epoch, -(-total // steps_per_epoch), total, shuffle)
+    return Schedule(batch_size, steps_per_epoch, total, shuffle)
 
 
 # ---------------------------------------------------------------- fit
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """Everything ``fit`` validated, before anything compiled."""
+
+    x: Array
+    y: Array
+    eval: tuple[Array, Array] | None
+    loss: str
+    reduction: str
+    gradient: str
+    optimizer: optax.GradientTransformation
+    schedule: Schedule
+    key: Array
+    checkpoint: str | None
+    checkpoint_every: int
+    callback: Callable[[int, dict[str, float]], None] | None
+    mesh: jax.sharding.Mesh | None
+    stop: Callable[[], bool] | None
+    log: Callable[[str], None]
 
 
 def fit(
@@ -382,24 +498,41 @@ def fit(
     callback: Callable[[int, dict[str, float]], None] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     stop: Callable[[], bool] | None = None,
+    settings: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[Network, dict[str, list]]:
     """Train ``net`` on ``train = (x, y)``; return (trained net, history). ``net`` is not modified.
 
     - ``optimizer``: any optax ``GradientTransformation``; default
       ``optax.sgd(learning_rate)`` with ``learning_rate`` 0.1: the notes'
       theta <- theta - eta grad L. ``learning_rate`` is only for that default.
+      Compiled epochs are keyed on what the optimizer's update computes, not on
+      the object: build it with ``optax.inject_hyperparams`` (as
+      ``make_optimizer`` does) and a sweep over learning rates compiles once.
     - ``epochs`` or ``steps`` (exactly one); ``batch_size`` (default: the whole
       training set, i.e. gradient descent); ``key`` shuffles minibatches
       (epoch e uses ``fold_in(key, e)``), needed when ``batch_size < N``.
     - ``eval = (x_test, y_test)`` is evaluated after every epoch.
     - ``gradient="autodiff"`` trains on jax.grad of the same forward pass and cost.
     - ``verify``: first compare the hand-written gradient with jax.grad on
-      ``VERIFY_BATCH`` training examples; raise ``GradientMismatchError`` if they differ.
+      ``VERIFY_BATCH`` training examples; raise ``GradientMismatchError`` if they
+      differ, log the worst error if they agree.
     - ``checkpoint``: a path saved every ``checkpoint_every`` epochs and at the end
-      (and with the last finite parameters on divergence); ``resume=True`` continues
-      from it when it exists, giving bit for bit the parameters of an uninterrupted run.
-      A larger ``epochs`` or ``steps`` extends a finished run that ended on a whole
-      epoch, bit for bit as if the longer run had been asked for from the start.
+      (and with the last finite parameters on divergence). ``resume=True``
+      continues from it: any finished or interrupted run extends to more steps
+      or epochs, mid-epoch too, ending bit for bit where the uninterrupted longer
+      run ends. A run asked for exactly the steps the checkpoint holds has
+      nothing to do and returns it; fewer steps, or any changed setting that
+      shapes the trajectory (architecture, dtype, loss, reduction, batch size,
+      optimizer, gradient, training data, key, ``settings``), is refused
+      naming the setting and both values. Without a file at the path it logs
+      that it starts fresh.
+    - ``settings``: the caller's own settings that shape the run (``purebp
+      train`` passes its command-line flags), saved in the checkpoint and
+      compared on resume.
+    - ``log(message)`` receives what fit has to say (resumed from where, the
+      gradient check's worst error, nothing to do); default: the
+      ``"purebp.training"`` logger at INFO level.
     - ``callback(epoch, row)`` is called after every epoch with that epoch's history row.
     - ``mesh``: data-parallel training over the mesh's "data" axis
       (``purebp.distributed.make_data_mesh()``); ``batch_size`` must divide by
@@ -416,19 +549,59 @@ def fit(
       saves the checkpoint and returns early. ``purebp train`` uses it for SIGTERM.
 
     History is a dict of lists, one entry per epoch: ``epoch``, ``step`` (steps
-    done), ``train_loss`` (mean minibatch loss over the epoch), ``time`` (seconds
-    since the start of this call), and with ``eval`` ``eval_loss`` and, for
-    classification losses, ``eval_accuracy``. Raises ``DivergenceError`` (with the
-    last finite parameters) when the loss becomes non-finite; every bad argument
-    raises ValueError/TypeError before anything is compiled.
+    done), ``train_loss`` (mean minibatch loss over the epoch; for an epoch
+    finished by a resumed run, the step-weighted mean of its two parts),
+    ``time`` (seconds of training, summed over resumed runs), and with ``eval``
+    ``eval_loss`` and, for classification losses, ``eval_accuracy``. Raises
+    ``DivergenceError`` (with the last finite parameters) when the loss becomes
+    non-finite; every bad argument, and NaN or inf anywhere in the data, raises
+    ValueError/TypeError before anything is compiled.
     """
-    # ---- validate everything, before compiling anything
+    run = _validate_fit(
+        net, train, loss, optimizer, learning_rate, epochs, steps, batch_size, key, eval, reduction, gradient,
+        checkpoint, checkpoint_every, resume, callback, mesh, stop, log,
+    )  # fmt: skip
+    with jax.numpy_dtype_promotion("standard"):
+        opt_state = run.optimizer.init(net)
+    config = _run_config(net, run, opt_state, settings)
+    history: dict[str, list] = {"epoch": [], "step": [], "train_loss": [], "time": []}
+    if eval is not None:
+        history["eval_loss"] = []
+        if loss in _losses.CLASSIFICATION_LOSSES:
+            history["eval_accuracy"] = []
+    start = 0
+    if resume:
+        restored = _restore(run, config, opt_state)
+        if restored is not None:
+            net, opt_state, start, history = restored
+            if start == run.schedule.total_steps:
+                run.log(f"{run.checkpoint} already holds all {start} steps: nothing to do")
+                return net, history
+            run.log(
+                f"resumed from step {start} of {run.checkpoint}; training on to step {run.schedule.total_steps} "
+                f"({run.schedule.describe()})"
+            )
+    if verify:
+        _verify(run, net)
+    return _train(run, net, opt_state, start, history, config)
+
+
+def _validate_fit(
+    net, train, loss, optimizer, learning_rate, epochs, steps, batch_size, key, eval, reduction, gradient,
+    checkpoint, checkpoint_every, resume, callback, mesh, stop, log,
+) -> _Run:  # fmt: skip
+    """Check every argument of ``fit`` (and the data's values) before anything compiles; return a ``_Run``."""
     validate_network(net)
     x, y = _split_pair("train", train)
+    x, y = _backprop.coerce_inputs(net, x, y)
+    _backprop.check_finite("the training data", x=x, y=y)  # first: a NaN label is not a bad label
     _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    eval_data = None
     if eval is not None:
-        x_eval, y_eval = _split_pair("eval", eval)
+        x_eval, y_eval = _backprop.coerce_inputs(net, *_split_pair("eval", eval))
+        _backprop.check_finite("the eval data", x=x_eval, y=y_eval)
         _backprop.validate_inputs(net, x_eval, y_eval, loss=loss, reduction=reduction)
+        eval_data = (x_eval, y_eval)
     _gradient_function(gradient)
     if optimizer is None:
         optimizer = optax.sgd(validate_learning_rate(0.1 if learning_rate is None else learning_rate))
@@ -437,161 +610,213 @@ def fit(
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
     key = None if key is None else _validate_key(key)
-    plan = _plan(int(x.shape[0]), batch_size, epochs, steps, key)
+    schedule = make_schedule(int(x.shape[0]), batch_size, epochs, steps, key)
     if mesh is not None:
         from purebp import distributed
 
-        distributed.validate_mesh(mesh, distributed.DATA_AXIS, plan.batch_size)
+        distributed.validate_mesh(mesh, distributed.DATA_AXIS, schedule.batch_size)
         _check_mesh_gradient(gradient)
     if stop is not None and not callable(stop):
         raise TypeError(f"stop must be a callable returning bool, got {type(stop).__name__}")
+    if log is not None and not callable(log):
+        raise TypeError(f"log must be a callable taking a message, got {type(log).__name__}")
     checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
     if resume and checkpoint is None:
         raise ValueError("resume=True needs a checkpoint path")
     if checkpoint is not None:
-        directory = os.path.dirname(os.path.abspath(os.fspath(checkpoint)))
+        checkpoint = os.fspath(checkpoint)
+        directory = os.path.dirname(os.path.abspath(checkpoint))
         if not os.path.isdir(directory):
             raise ValueError(f"checkpoint {checkpoint}: the directory {directory} does not exist")
-    if key is None:
-        key = jax.random.key(0)  # full batch: never used for shuffling
+    return _Run(
+        x=x,
+        y=y,
+        eval=eval_data,
+        loss=loss,
+        reduction=reduction,
+        gradient=gradient,
+        optimizer=optimizer,
+        schedule=schedule,
+        key=jax.random.key(0) if key is None else key,  # full batch: never used for shuffling
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        callback=callback,
+        mesh=mesh,
+        stop=stop,
+        log=log if log is not None else logging.getLogger("purebp.training").info,
+    )
 
+
+def _run_config(net: Network, run: _Run, opt_state: Any, settings: dict | None) -> dict:
+    """The settings that shape the trajectory, as JSON values: saved in checkpoints, compared on resume."""
     config = {
         "sizes": list(net.sizes),
         "activations": list(net.activations),
         "dtype": str(net.dtype),
-        "loss": loss,
-        "reduction": reduction,
-        "batch_size": plan.batch_size,
-        "total_steps": plan.total_steps,
-        "gradient": gradient,
+        "loss": run.loss,
+        "reduction": run.reduction,
+        "batch_size": run.schedule.batch_size,
+        "total_steps": run.schedule.total_steps,
+        "gradient": run.gradient,
+        "optimizer": programs.describe(run.optimizer.update, "update") | _initial_state_scalars(opt_state),
+        "settings": dict(settings or {}),
     }
-    history: dict[str, list] = {"epoch": [], "step": [], "train_loss": [], "time": []}
-    if eval is not None:
-        history["eval_loss"] = []
-        if loss in _losses.CLASSIFICATION_LOSSES:
-            history["eval_accuracy"] = []
+    if run.checkpoint is not None:  # a digest of the data costs a pass over it: only when it is compared
+        config["data"] = {
+            "examples": int(run.x.shape[0]),
+            "sha256": _digest(run.x, run.y),
+        }
+    return json.loads(json.dumps(config, default=repr))  # as it reads back from a checkpoint
 
-    with jax.numpy_dtype_promotion("standard"):
-        opt_state = optimizer.init(net)
-    start_epoch = 0
-    if resume:
-        from purebp import checkpoint as _checkpoint
 
-        restored = _checkpoint.load_checkpoint_if_exists(checkpoint, opt_state_template=opt_state)
-        if restored is not None:
-            _check_resumable(restored, config, key, checkpoint, plan)
-            net, opt_state = restored.net, restored.opt_state
-            start_epoch = restored.metadata["epoch"] + 1
-            history = {name: list(values) for name, values in restored.metadata["history"].items()}
+def _initial_state_scalars(opt_state: Any) -> dict[str, str]:
+    # hyperparameters that optax.inject_hyperparams keeps in the state
+    leaves = jax.tree_util.tree_flatten_with_path(opt_state)[0]
+    return {f"state{jax.tree_util.keystr(path)}": str(np.asarray(leaf)[()]) for path, leaf in leaves
+            if np.size(leaf) == 1}  # fmt: skip
 
-    if verify:
-        count = min(VERIFY_BATCH, int(x.shape[0]))
-        report = _check.check_gradients(net, x[:count], y[:count], loss=loss, reduction=reduction)
-        if not report.passed:
-            raise GradientMismatchError(report)
 
-    # ---- train: one compiled scan per epoch, one host round trip per epoch
+def _digest(*arrays: Array) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        host = np.ascontiguousarray(np.asarray(array))
+        digest.update(f"{host.dtype}{host.shape}".encode())
+        digest.update(host.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _restore(run: _Run, config: dict, opt_state: Any) -> tuple[Network, Any, int, dict] | None:
+    """Load ``run.checkpoint`` if it exists and belongs to this run; return (net, opt_state, step, history)."""
+    from purebp import checkpoint as _checkpoint
+
+    if not os.path.exists(run.checkpoint):
+        run.log(f"no checkpoint at {run.checkpoint}: starting fresh")
+        return None
+    saved = _checkpoint.load_checkpoint(run.checkpoint)  # settings first: they name what differs
+    _check_resumable(saved, config, run)
+    restored = _checkpoint.load_checkpoint(run.checkpoint, opt_state_template=opt_state)
+    history = {name: list(values) for name, values in restored.metadata["history"].items()}
+    return restored.net, restored.opt_state, restored.step, history
+
+
+def _differences(saved: Any, now: Any, name: str) -> list[str]:
+    if isinstance(saved, dict) and isinstance(now, dict):
+        found = []
+        for entry in sorted(set(saved) | set(now)):
+            label = f"{name} {entry}" if name else entry
+            found += _differences(saved.get(entry, "<absent>"), now.get(entry, "<absent>"), label)
+        return found
+    return [] if saved == now else [f"{name}: checkpoint {saved!r}, now {now!r}"]
+
+
+def _check_resumable(saved: Any, config: dict, run: _Run) -> None:
+    """Refuse a checkpoint from a different run, or one that already holds more steps than asked for.
+
+    Every setting in the checkpoint's config must match except the total step
+    count (a setting the checkpoint does not record, from an older purebp, is
+    not compared). Settings the caller passed come first in the message.
+    """
+    path, recorded = run.checkpoint, saved.metadata.get("config", {})
+    order = ["settings"] + [name for name in config if name not in ("settings", "total_steps")]
+    different = []
+    for name in order:
+        if name in recorded:
+            different += _differences(recorded[name], config[name], "" if name == "settings" else name)
+    if saved.key is None or not np.array_equal(jax.random.key_data(saved.key), jax.random.key_data(run.key)):
+        saved_key = None if saved.key is None else np.asarray(jax.random.key_data(saved.key)).tolist()
+        now_key = np.asarray(jax.random.key_data(run.key)).tolist()
+        different.append(f"key: checkpoint key data {saved_key}, now {now_key} (a different seed?)")
+    if different:
+        raise ValueError(f"cannot resume from {path}: it was written by a different run ({'; '.join(different)})")
+    if saved.step > run.schedule.total_steps:
+        raise ValueError(
+            f"cannot resume from {path}: it already holds {saved.step} steps, more than the "
+            f"{run.schedule.total_steps} asked for ({run.schedule.describe()})"
+        )
+
+
+def _verify(run: _Run, net: Network) -> None:
+    count = min(VERIFY_BATCH, int(run.x.shape[0]))
+    report = _check.check_gradients(net, run.x[:count], run.y[:count], loss=run.loss, reduction=run.reduction)
+    if not report.passed:
+        raise GradientMismatchError(report)
+    run.log(
+        f"gradient check passed: hand-written vs JAX autodiff on {count} training examples, max relative error "
+        f"{report.max_relative_error:.1e} (tolerance {report.tolerance:.0e})"
+    )
+
+
+def _train(run: _Run, net: Network, opt_state: Any, start: int, history: dict, config: dict):
+    """Run the schedule from global step ``start``: one compiled scan per (part of an) epoch."""
+    schedule = run.schedule
     started = time.perf_counter()
     time_offset = history["time"][-1] if history["time"] else 0.0
-    if mesh is None:
+    if run.mesh is None:
         state = initial_state(net, opt_state)
     else:
-        x_host, y_host = np.asarray(x), np.asarray(y)
-        state = initial_state(*distributed.replicate((net, opt_state), mesh))
-    for epoch in range(start_epoch, plan.num_epochs):
-        num_steps = plan.steps_in(epoch)
-        epoch_key = jax.random.fold_in(key, epoch)
-        steps_before = epoch * plan.steps_per_epoch
-        if mesh is None:
+        from purebp import distributed
+
+        x_host, y_host = np.asarray(run.x), np.asarray(run.y)
+        state = initial_state(*distributed.replicate((net, opt_state), run.mesh))
+    chunks = schedule.chunks(start)
+    for index, (epoch, offset, count) in enumerate(chunks):
+        epoch_key = jax.random.fold_in(run.key, epoch)
+        steps_before = epoch * schedule.steps_per_epoch + offset
+        options = dict(loss=run.loss, reduction=run.reduction, optimizer=run.optimizer)
+        if run.mesh is None:
             state, step_losses = run_epoch(
-                state,
-                epoch_key,
-                x,
-                y,
-                optimizer=optimizer,
-                loss=loss,
-                reduction=reduction,
-                gradient=gradient,
-                batch_size=plan.batch_size,
-                num_batches=num_steps,
-                shuffle=plan.shuffle,
-            )
+                state, epoch_key, run.x, run.y, gradient=run.gradient, batch_size=schedule.batch_size,
+                num_batches=count, shuffle=schedule.shuffle, start=offset, **options,
+            )  # fmt: skip
             bad_step, mean_loss = int(state.bad_step), float(jnp.mean(step_losses))
             local_state = state
         else:
             with distributed.peer_failures(f"in epoch {epoch}"):
                 # the same permutation run_epoch draws inside its jit, so the same batches
                 n = x_host.shape[0]
-                order = np.asarray(jax.random.permutation(epoch_key, n)) if plan.shuffle else np.arange(n)
-                x_batches, y_batches = distributed.shard_epoch(x_host, y_host, order, num_steps, plan.batch_size, mesh)
-                state, step_losses = run_sharded_epoch(
-                    state, x_batches, y_batches, optimizer=optimizer, loss=loss, reduction=reduction, mesh=mesh
+                order = np.asarray(jax.random.permutation(epoch_key, n)) if schedule.shuffle else np.arange(n)
+                order = order[offset * schedule.batch_size :]
+                x_batches, y_batches = distributed.shard_epoch(
+                    x_host, y_host, order, count, schedule.batch_size, run.mesh
                 )
+                state, step_losses = run_sharded_epoch(state, x_batches, y_batches, mesh=run.mesh, **options)
                 bad_step, mean_loss = int(state.bad_step), float(jnp.mean(distributed.to_local(step_losses)))
                 local_state = distributed.to_local(state)
         if bad_step >= 0:
-            _diverged(local_state, epoch, steps_before + bad_step, history, config, key, checkpoint)
+            _diverged(local_state, epoch, steps_before + bad_step, history, config, run.key, run.checkpoint)
         # state.previous_* now hold the parameters before the last step: kept for the next epoch
         net, opt_state = local_state.net, local_state.opt_state
-        row = {"epoch": epoch, "step": steps_before + num_steps, "train_loss": mean_loss}
-        if eval is not None:
-            value, accuracy = _evaluate_jit(net, x_eval, y_eval, loss, reduction)
+        row = {"epoch": epoch, "step": steps_before + count, "train_loss": mean_loss}
+        if offset > 0 and history["epoch"] and history["epoch"][-1] == epoch:
+            # the rest of an epoch a previous run cut short: one row for the whole epoch
+            done = history["step"][-1] - epoch * schedule.steps_per_epoch
+            row["train_loss"] = (history["train_loss"][-1] * done + mean_loss * count) / (done + count)
+            for values in history.values():
+                values.pop()
+        if run.eval is not None:
+            value, accuracy = _evaluate_jit(net, *run.eval, run.loss, run.reduction)
             row["eval_loss"] = float(value)
             if "eval_accuracy" in history:
                 row["eval_accuracy"] = float(accuracy)
         row["time"] = time_offset + time.perf_counter() - started
         for name, value in row.items():
             history[name].append(value)
-        last = epoch == plan.num_epochs - 1
+        last = index == len(chunks) - 1
         stopping = False
-        if stop is not None and not last:
-            stopping = bool(stop())
-            if mesh is not None:
+        if run.stop is not None and not last:
+            stopping = bool(run.stop())
+            if run.mesh is not None:
                 with distributed.peer_failures(f"after epoch {epoch}"):
-                    stopping = distributed.any_process(stopping, mesh)
-        if checkpoint is not None and (last or stopping or (epoch + 1) % checkpoint_every == 0):
-            _save(checkpoint, net, opt_state, row["step"], key, config, epoch, history)
-        if callback is not None:
-            callback(epoch, row)
+                    stopping = distributed.any_process(stopping, run.mesh)
+        epoch_done = offset + count == schedule.steps_per_epoch
+        every = epoch_done and (epoch + 1) % run.checkpoint_every == 0
+        if run.checkpoint is not None and (last or stopping or every):
+            _save(run.checkpoint, net, opt_state, row["step"], run.key, config, epoch, history)
+        if run.callback is not None:
+            run.callback(epoch, row)
         if stopping:
             break
     return net, history
-
-
-def _check_resumable(restored: Any, config: dict, key: Array, path: str, plan: _Plan) -> None:
-    """Refuse a checkpoint from a different run; a longer run may extend one that ended on a full epoch.
-
-    Every setting must match except the total step count. A different total
-    is accepted when this run's schedule reproduces every step the checkpoint
-    holds (same epochs, each as long as it was) and asks for at least as many:
-    the extended run then equals one that was asked for the longer total from
-    the start, bit for bit.
-    """
-    saved = restored.metadata.get("config", {})
-    different = sorted(name for name in config if name != "total_steps" and saved.get(name) != config[name])
-    if different:
-        details = "; ".join(f"{name}: checkpoint {saved.get(name)!r}, now {config[name]!r}" for name in different)
-        raise ValueError(f"cannot resume from {path}: it was written by a different run ({details})")
-    if restored.key is None or not np.array_equal(jax.random.key_data(restored.key), jax.random.key_data(key)):
-        raise ValueError(f"cannot resume from {path}: it was written with a different key")
-    epoch = restored.metadata["epoch"]
-    if restored.step > plan.total_steps:
-        raise ValueError(
-            f"cannot resume from {path}: it already holds {restored.step} steps, more than the "
-            f"{plan.total_steps} asked for"
-        )
-    expected = sum(plan.steps_in(e) for e in range(epoch + 1))
-    if expected != restored.step and saved.get("total_steps") != plan.total_steps:
-        raise ValueError(
-            f"cannot resume from {path}: its {restored.step} steps end in epoch {epoch}, which was cut short "
-            f"by its total of {saved.get('total_steps')} steps; a run of {plan.total_steps} steps would have "
-            f"taken {plan.steps_per_epoch} steps in that epoch (resume with the same total, or start afresh)"
-        )
-    if expected != restored.step:
-        raise ValueError(
-            f"cannot resume from {path}: it holds {restored.step} steps through epoch {epoch}, but this run "
-            f"takes {expected} steps through that epoch (a training set of a different size?)"
-        )
 
 
 def _save(path, net, opt_state, step, key, config, epoch, history) -> None:

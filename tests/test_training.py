@@ -186,12 +186,30 @@ def test_divergence_names_step_and_epoch_and_returns_the_last_finite_parameters(
     assert saved.metadata["diverged_at_step"] == error.step
 
 
-def test_non_finite_data_diverges_at_step_zero_and_keeps_the_initial_network():
+def test_non_finite_parameters_diverge_at_step_zero_and_keep_the_initial_network():
     net, x, y = _classification(dtype="float64")
-    x = x.at[3, 0].set(jnp.nan)
+    net = jax.tree.map(lambda leaf: leaf, net)
+    net = pb.Network(layers=(pb.Layer(w=net.layers[0].w.at[0, 0].set(jnp.inf), b=net.layers[0].b), *net.layers[1:]),
+                     activations=net.activations)  # fmt: skip
     with pytest.raises(pb.DivergenceError, match=r"step 0 \(epoch 0\)") as caught:
         pb.fit(net, (x, y), loss="softmax_cross_entropy", epochs=2, verify=False)
     _assert_identical(caught.value.net, net)
+
+
+@pytest.mark.parametrize("part, where", [("x", (3, 0)), ("x", (95, 5)), ("y", (7, 2))])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_data_is_named_before_anything_compiles(monkeypatch, part, where, bad):
+    net, x, y = _classification(dtype="float64")
+    y = jax.nn.one_hot(y, 4, dtype=jnp.float64)  # float targets, so y can hold a NaN too
+    x, y = np.array(x), np.array(y)
+    (x if part == "x" else y)[where] = bad
+    monkeypatch.setattr(training, "run_epoch", lambda *args, **kwargs: pytest.fail("compiled before the check"))
+    message = f"the training data is not finite: {part}[{where[0]}, {where[1]}] is {bad} (row {where[0]}, column"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pb.fit(net, (x, y), loss="softmax_cross_entropy", epochs=1)
+    with pytest.raises(ValueError, match=re.escape(message.replace("training", "eval"))):
+        clean = _classification(dtype="float64")
+        pb.fit(net, clean[1:], loss="softmax_cross_entropy", epochs=1, eval=(x, y))
 
 
 # ---------------------------------------------------------------- checkpoints and resume

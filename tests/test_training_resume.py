@@ -1,0 +1,228 @@
+"""Resuming always continues; changed settings are named; sweeps compile once.
+
+"Bit-identical" means np.array_equal on every parameter leaf. Compiles are
+counted with jax.monitoring's backend-compile events, by function name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import purebp as pb
+from purebp.testing import CaseSpec, make_case
+
+
+def _classification(n=96, seed=0):
+    spec = CaseSpec(sizes=(6, 12, 4), activations=("tanh", "identity"), loss="softmax_cross_entropy",
+                    dtype="float32", batch=n, seed=seed)  # fmt: skip
+    case = make_case(spec)
+    return case.net, case.x, case.y
+
+
+def _assert_identical(a, b):
+    for i, (x, y) in enumerate(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)):
+        assert np.array_equal(np.asarray(x), np.asarray(y)), f"leaf {i} differs"
+
+
+@contextlib.contextmanager
+def _compiles():
+    """Yield a list that collects the names of the programs XLA compiles inside the block."""
+    names: list[str] = []
+
+    def listener(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield names
+    finally:
+        jax._src.monitoring.unregister_event_duration_listener(listener)
+
+
+OPTIONS = dict(loss="softmax_cross_entropy", batch_size=16, key=jax.random.key(5))  # 96 // 16: 6 steps per epoch
+
+
+# ---------------------------------------------------------------- resume always continues
+
+
+@pytest.mark.parametrize("first, then", [(20, 40), (4, 5), (3, 9), (6, 13), (1, 2)])
+def test_a_run_cut_mid_epoch_extends_bit_for_bit_like_the_longer_run(tmp_path, first, then):
+    net, x, y = _classification()
+    options = OPTIONS | dict(optimizer=optax.adam(1e-2), eval=(x, y))
+    longer, history = pb.fit(net, (x, y), steps=then, **options)
+    path = str(tmp_path / "run.ckpt")
+    pb.fit(net, (x, y), steps=first, checkpoint=path, **options)
+    messages = []
+    extended, extended_history = pb.fit(net, (x, y), steps=then, checkpoint=path, resume=True, log=messages.append,
+                                        **options)  # fmt: skip
+    _assert_identical(extended, longer)
+    assert extended_history["epoch"] == history["epoch"] and extended_history["step"] == history["step"]
+    # the epoch finished by the second run has one row: the step-weighted mean of its two parts
+    np.testing.assert_allclose(extended_history["train_loss"], history["train_loss"], rtol=1e-6)
+    assert extended_history["eval_loss"] == history["eval_loss"]
+    assert any(message.startswith(f"resumed from step {first} of {path}") for message in messages), messages
+    assert pb.load_checkpoint(path).step == then
+
+
+def test_resume_says_when_it_starts_fresh_and_when_there_is_nothing_to_do(tmp_path):
+    net, x, y = _classification()
+    path = str(tmp_path / "run.ckpt")
+    messages = []
+    first, _ = pb.fit(net, (x, y), steps=9, checkpoint=path, resume=True, log=messages.append, **OPTIONS)
+    assert messages[0] == f"no checkpoint at {path}: starting fresh", messages
+    assert re.fullmatch(r"gradient check passed: .* max relative error \S+ \(tolerance 1e-05\)", messages[1])
+    messages.clear()
+    with _compiles() as compiled:
+        again, history = pb.fit(net, (x, y), steps=9, checkpoint=path, resume=True, log=messages.append, **OPTIONS)
+    assert messages == [f"{path} already holds all 9 steps: nothing to do"]
+    assert not any("_run_epoch_jit" in name for name in compiled)
+    _assert_identical(again, first)
+    assert history["step"] == [6, 9]
+
+
+def test_resume_refuses_fewer_steps_than_the_checkpoint_holds(tmp_path):
+    net, x, y = _classification()
+    path = str(tmp_path / "run.ckpt")
+    pb.fit(net, (x, y), steps=9, checkpoint=path, **OPTIONS)
+    with pytest.raises(ValueError, match=re.escape("already holds 9 steps, more than the 6 asked for")):
+        pb.fit(net, (x, y), epochs=1, checkpoint=path, resume=True, **OPTIONS)
+
+
+def _changed_runs():
+    _, x, y = _classification()
+    yield (
+        "learning rate",
+        {"optimizer": pb.make_optimizer("sgd", 0.2)},
+        "state.hyperparams['learning_rate']: checkpoint '0.1', now '0.2'",
+    )
+    yield "optax learning rate", {"optimizer": optax.sgd(0.2)}, "optimizer update"
+    yield (
+        "optimizer",
+        {"optimizer": pb.make_optimizer("adam", 0.1)},
+        "optimizer update.inner_factory: checkpoint 'optax._src.alias.sgd', now 'optax._src.alias.adam'",
+    )
+    yield "batch size", {"batch_size": 8}, "batch_size: checkpoint 16, now 8"
+    yield "seed", {"key": jax.random.key(6)}, "key: checkpoint key data"
+    yield "data", {"train": (x.at[0, 0].add(1.0), y)}, "data sha256: checkpoint"
+    other = make_case(CaseSpec(sizes=(6, 10, 4), activations=("tanh", "identity"), loss="softmax_cross_entropy",
+                               dtype="float32", batch=96))  # fmt: skip
+    yield "architecture", {"net": other.net}, "sizes: checkpoint [6, 12, 4], now [6, 10, 4]"
+    yield "settings", {"settings": {"--lr": 0.2}}, "--lr: checkpoint 0.1, now 0.2"
+
+
+@pytest.mark.parametrize("what, change, message", list(_changed_runs()), ids=[c[0] for c in _changed_runs()])
+def test_a_changed_setting_is_refused_naming_it_and_both_values(tmp_path, what, change, message):
+    net, x, y = _classification()
+    base = dict(net=net, train=(x, y), optimizer=pb.make_optimizer("sgd", 0.1), settings={"--lr": 0.1}) | OPTIONS
+    path = str(tmp_path / "run.ckpt")
+    pb.fit(**base, steps=6, checkpoint=path)
+    with pytest.raises(ValueError, match="cannot resume from .*different run") as error:
+        pb.fit(**(base | change), steps=12, checkpoint=path, resume=True)
+    assert message in str(error.value)
+    assert "PyTreeDef" not in str(error.value)
+
+
+# ---------------------------------------------------------------- no repeated compiles
+
+
+def test_a_learning_rate_sweep_compiles_the_epoch_once():
+    net, x, y = _classification()
+    options = OPTIONS | dict(epochs=2)
+    pb.fit(net, (x, y), optimizer=pb.make_optimizer("adam", 1e-3), **options)  # compiles
+    results = []
+    with _compiles() as compiled:
+        for rate in (2e-3, 5e-3, 1e-2):
+            results.append(pb.fit(net, (x, y), optimizer=pb.make_optimizer("adam", rate), **options)[0])
+            results.append(
+                pb.fit(net, (x, y), optimizer=optax.inject_hyperparams(optax.adam)(learning_rate=rate), **options)[0]
+            )
+    assert compiled == [], compiled
+    # the rate really reaches the program: each equals a fresh, separately compiled optax.adam(rate) run
+    for index, rate in enumerate((2e-3, 5e-3, 1e-2)):
+        plain, _ = pb.fit(net, (x, y), optimizer=optax.adam(rate), **options)
+        np.testing.assert_allclose(np.asarray(results[2 * index].layers[0].w), np.asarray(plain.layers[0].w),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        _assert_identical(results[2 * index], results[2 * index + 1])
+
+
+def test_a_seed_sweep_compiles_the_epoch_once():
+    net, x, y = _classification()
+    pb.fit(net, (x, y), optimizer=pb.make_optimizer("sgd", 0.1), **(OPTIONS | dict(epochs=1)))
+    with _compiles() as compiled:
+        nets = [
+            pb.fit(net, (x, y), optimizer=pb.make_optimizer("sgd", 0.1), **(OPTIONS | dict(epochs=1, key=key)))[0]
+            for key in (jax.random.key(1), jax.random.key(2))
+        ]
+    assert compiled == [], compiled
+    assert not np.array_equal(np.asarray(nets[0].layers[0].w), np.asarray(nets[1].layers[0].w))
+
+
+def test_a_different_optimizer_never_reuses_the_old_program():
+    net, x, y = _classification()
+    options = OPTIONS | dict(epochs=1)
+    with _compiles() as compiled:
+        sgd, _ = pb.fit(net, (x, y), optimizer=optax.sgd(0.137), **options)
+        other, _ = pb.fit(net, (x, y), optimizer=optax.sgd(0.311), **options)  # the rate is a constant here
+    assert sum("_run_epoch_jit" in name for name in compiled) == 2, compiled
+    assert not np.array_equal(np.asarray(sgd.layers[0].w), np.asarray(other.layers[0].w))
+
+
+def test_program_key_follows_what_the_update_computes():
+    from purebp.programs import Static
+
+    def injected(rate, **kwargs):
+        return optax.inject_hyperparams(optax.adam)(learning_rate=rate, **kwargs).update
+
+    assert Static(injected(1e-3)) == Static(injected(5e-2))
+    assert Static(optax.adam(1e-3).update) == Static(optax.adam(1e-3).update)
+    assert Static(optax.adam(1e-3).update) != Static(optax.adam(2e-3).update)
+    assert Static(injected(1e-3)) != Static(injected(1e-3, nesterov=True))
+    mask = np.ones(3)
+    masked = Static(lambda g: g * mask)
+    mask[0] = 0.0  # a closure over a changed array is a different program
+    assert Static(lambda g: g * mask) != masked
+
+
+# ---------------------------------------------------------------- the data
+
+
+def test_negative_or_too_large_one_hot_targets_are_refused():
+    net, x, y = _classification(n=16)
+    one_hot = np.asarray(jax.nn.one_hot(y, 4, dtype=jnp.float32))
+    for value, where in ((-1.0, (3, 1)), (1.5, (0, 2))):
+        bad = one_hot.copy()
+        bad[where] = value
+        message = f"must lie in [0, 1]; got {value} at y[{where[0]}, {where[1]}]"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            pb.value_and_grad(net, x, jnp.asarray(bad), loss="softmax_cross_entropy")
+    pb.value_and_grad(net, x, jnp.asarray(0.5 * one_hot + 0.125), loss="softmax_cross_entropy")  # soft labels pass
+
+
+def test_check_gradients_names_non_finite_inputs_instead_of_a_mismatch():
+    net, x, y = _classification(n=8)
+    with pytest.raises(ValueError, match=re.escape("check_gradients: the input is not finite: x[2, 4] is nan")):
+        pb.check_gradients(net, x.at[2, 4].set(jnp.nan), y, loss="softmax_cross_entropy")
+    broken = dataclasses.replace(net, layers=(net.layers[0], pb.Layer(w=net.layers[1].w.at[1, 0].set(jnp.inf),
+                                                                      b=net.layers[1].b)))  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape("the network is not finite: layer 1 w[1, 0] is inf")):
+        pb.check_gradients(broken, x, y, loss="softmax_cross_entropy")
+
+
+def test_numpy_inputs_are_cast_to_the_network_dtype_and_jax_arrays_of_another_dtype_refused():
+    net, x, y = _classification(n=8)  # float32 parameters
+    host = np.asarray(x, dtype=np.float64)
+    loss_host, grads_host = pb.value_and_grad(net, host, y, loss="softmax_cross_entropy")
+    loss, grads = pb.value_and_grad(net, x, y, loss="softmax_cross_entropy")
+    assert loss_host.dtype == jnp.float32 and float(loss_host) == float(loss)
+    _assert_identical(grads_host, grads)
+    with pytest.raises(TypeError, match="x has dtype float64 but the network's parameters are float32"):
+        pb.value_and_grad(net, jnp.asarray(host), y, loss="softmax_cross_entropy")
