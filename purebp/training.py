@@ -725,7 +725,7 @@ def _check_resumable(saved: Any, config: dict, run: _Run) -> None:
     if saved.key is None or not np.array_equal(jax.random.key_data(saved.key), jax.random.key_data(run.key)):
         saved_key = None if saved.key is None else np.asarray(jax.random.key_data(saved.key)).tolist()
         now_key = np.asarray(jax.random.key_data(run.key)).tolist()
-        different.append(f"key: checkpoint key data {saved_key}, now {now_key} (a different seed?)")
+        different.append(f"key: checkpoint key data {saved_key}, now {now_key} (a different key or seed)")
     if different:
         raise ValueError(f"cannot resume from {path}: it was written by a different run ({'; '.join(different)})")
     if saved.step > run.schedule.total_steps:

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import optax
 import pytest
 
 import purebp as pb
@@ -25,12 +24,12 @@ def test_train_writes_json_plot_and_checkpoint(tmp_path, capsys):
     assert "test accuracy" in printed and "wall time" in printed
     report = json.loads(out.read_text())
     assert 0.0 <= report["metrics"]["test_accuracy"] <= 1.0
-    assert report["metrics"]["steps"] == 40 and report["metrics"]["epochs"] == 2  # 1600 // 50 = 32 steps per epoch
+    assert report["metrics"]["steps"] == 40 and report["metrics"]["epochs"] == 1.25  # 1600 // 50: 32 steps per epoch
     assert report["config"]["sizes"] == [20, 16, 4] and report["config"]["optimizer"] == "adam"
     assert len(report["history"]["eval_accuracy"]) == 2
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     net = pb.init_mlp(pb.load_checkpoint(checkpoint).key, (20, 16, 4), ("relu", "identity"), dtype="float32")
-    saved = pb.load_checkpoint(checkpoint, opt_state_template=optax.adam(0.01).init(net))
+    saved = pb.load_checkpoint(checkpoint, opt_state_template=pb.make_optimizer("adam", 0.01).init(net))
     assert saved.step == 40 and saved.net.sizes == (20, 16, 4)
     # resuming a finished run trains nothing more and reports the same accuracy
     resumed_out = tmp_path / "resumed.json"
@@ -82,3 +81,39 @@ def test_the_installed_command_runs_in_a_fresh_process(tmp_path):
     assert "test accuracy" in result.stdout
     assert result.stderr == ""  # not a terminal: no progress bar
     assert json.loads(out.read_text())["config"]["gradient"] == "autodiff"
+
+
+def test_resume_continues_says_so_and_names_a_changed_flag(tmp_path, capsys):
+    checkpoint = str(tmp_path / "run.ckpt")
+    first = ["train", "--dataset", "synthetic", "--sizes", "20,16,4", "--batch-size", "50", "--checkpoint", checkpoint]
+    assert main(first + ["--steps", "40", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "40 steps = 1.25 epochs, 32 steps per epoch" in printed
+    assert f"no checkpoint at {checkpoint}: starting fresh" in printed
+    assert "gradient check passed: hand-written vs JAX autodiff on 16 training examples, max relative error" in printed
+    assert main(first + ["--steps", "80", "--resume"]) == 0  # 40 steps end mid-epoch: refused before
+    printed = capsys.readouterr().out
+    assert f"resumed from step 40 of {checkpoint}; training on to step 80" in printed
+    assert "trained for 2.50 epochs (80 steps)" in printed
+    assert main(first + ["--steps", "80", "--resume"]) == 0
+    assert f"{checkpoint} already holds all 80 steps: nothing to do" in capsys.readouterr().out
+    assert main(first + ["--steps", "100", "--resume", "--lr", "0.2"]) == 2
+    assert "--lr: checkpoint 0.1, now 0.2" in capsys.readouterr().err
+    assert main(first + ["--steps", "100", "--resume", "--optimizer", "adam"]) == 2
+    error = capsys.readouterr().err
+    assert "--optimizer: checkpoint 'sgd', now 'adam'" in error and "PyTreeDef" not in error
+
+
+def test_header_says_one_epoch_and_mse_on_labels_trains_on_one_hot_targets(capsys):
+    arguments = ["train", "--dataset", "synthetic", "--sizes", "20,16,4", "--batch-size", "50", "--epochs", "1"]
+    assert main(arguments + ["--loss", "mse"]) == 0
+    printed = capsys.readouterr().out
+    assert "32 steps = 1 epoch, 32 steps per epoch" in printed
+    assert "test accuracy" in printed  # argmax of the output against the label
+
+
+def test_help_states_the_real_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "n_in,256,n_out" in text and "(default 32;" in text
