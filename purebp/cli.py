@@ -457,55 +457,32 @@ def run_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- purebp bench
 
+_BENCH_MOVED = (
+    "purebp bench: the benchmark moved out of the library to experiments/ in the repository; from a checkout run: "
+    'pip install -e ".[bench]" && python -m experiments.benchmark [--quick] [--configs tiny,mid] [--rounds N] '
+    "[--no-peers] [--out STEM]"
+)
+
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="hand-written vs JAX autodiff speed (and PyTorch, scikit-learn, NumPy), as ratios",
-        description="Time the hand-written value_and_grad against jitted JAX autodiff of the same "
-        "forward pass and cost, and CPU peers, interleaved in one process (medians of rounds); also compile "
-        "time, compiled memory, an eager call and a training epoch. Prints markdown tables; needs the "
-        "'bench' extra for the peers (pip install 'purebp[bench]').",
+        help="moved: prints how to run the benchmark (python -m experiments.benchmark from a checkout)",
+        description="The benchmark is a script of the repository, not part of the library: from a checkout, "
+        'pip install -e ".[bench]" and run python -m experiments.benchmark (same options as this command had). '
+        "This command only says so and exits with code 2.",
     )
-    parser.add_argument(
-        "--configs", default="tiny,mid,wide,deep", help="comma-separated: tiny, mid, wide, deep (default all)"
-    )
-    parser.add_argument("--rounds", type=int, default=40, help="interleaved timing rounds (default 40)")
-    parser.add_argument("--train-steps", type=int, default=50, help="SGD steps in one timed epoch (default 50)")
-    parser.add_argument("--threads", type=int, default=None, help="peers' thread count (default: JAX's cores)")
-    parser.add_argument("--no-peers", action="store_true", help="time only purebp and jax.grad")
-    parser.add_argument("--quick", action="store_true", help="tiny only, 3 rounds, small ceiling: a smoke run")
-    parser.add_argument("--out", default=None, help="write OUT.md, OUT.json and OUT.csv")
+    # the options the command used to take still parse, so an old invocation gets the pointer, not a usage error
+    for flag in ("--configs", "--rounds", "--train-steps", "--threads", "--out"):
+        parser.add_argument(flag, help=argparse.SUPPRESS)
+    for flag in ("--no-peers", "--quick"):
+        parser.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     parser.set_defaults(handler=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from purebp import bench
-
-    configs = [name.strip() for name in args.configs.split(",") if name.strip()]
-    options = {"rounds": args.rounds, "train_steps": args.train_steps, "threads": args.threads}
-    if args.quick:
-        configs, options = ["tiny"], {**options, "rounds": 3, "train_steps": 3}
-        options.update(ceiling_size=256, deep100=False)
-    if args.no_peers:
-        options["peers"] = ()
-    try:
-        result = bench.run(configs, progress=lambda message: print(f"[bench] {message}", flush=True), **options)
-    except (ValueError, ImportError) as error:
-        raise SystemExit(f"purebp bench: {error}") from None
-    markdown = bench.to_markdown(result)
-    print(markdown)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(markdown)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-        out.with_suffix(".csv").write_text(bench.to_csv(result))
-        print(f"wrote {out.with_suffix('.md')}, .json and .csv")
-    return 0
+    print(_BENCH_MOVED, file=sys.stderr)
+    return 2
 
 
 # ---------------------------------------------------------------- purebp launch
