@@ -6,18 +6,29 @@ reductions) the hand-written gradient h is compared, per parameter leaf, with
 
 - ``jax.grad`` of the same forward pass and cost (``purebp.check_gradients``),
 - the NumPy float64 matrix-form oracle (``reference/numpy_matrix.py``),
-- float64 central finite differences of the oracle's loss along a random unit
-  direction v per leaf: (L(theta + h v) - L(theta - h v)) / 2h vs <h, v>.
+- float64 finite differences of the oracle's loss along a random unit
+  direction v per leaf, phi(t) = L(theta + t v), vs <h, v>: Ridders' method
+  (``reference.finite_differences.directional_derivative``), central
+  differences at t = 0.1, 0.05, ... combined by Richardson extrapolation,
+  with an error estimate; the step adapts to the loss scale and curvature
+  (a fixed step 1e-5 failed on a badly scaled deep sigmoid network: rounding
+  ~eps L / h; it is still evaluated, for comparison, as fd_fixed_step_error).
 
 Error measure, as everywhere in purebp: ||h - g||_2 / max(||g||_2, f ||g_all||_2)
 (f = 1e-6 float64, 1e-3 float32); for finite differences the numerator is
 |fd - <h, v>|. Tolerances: 1e-10 (float64) / 1e-5 (float32) against jax.grad
-and the oracle; 1e-6 against finite differences (1e-5 for float32 h). A finite difference whose
-step moves a relu/leaky_relu pre-activation across 0 is not a derivative: it
-is detected (the oracle's z at both ends) and reported as ``kink``, not compared.
+and the oracle; 1e-6 against finite differences (1e-5 for float32 h). A finite
+difference whose step moves a relu/leaky_relu pre-activation across 0 is not a
+derivative, and across an elu's 0 (where G'' jumps) Richardson extrapolation
+does not hold: the first step is halved until no sign of those z changes at
++-t (the oracle's z), down to 1e-7; a leaf where none is found is reported as
+``kink``, not compared. All three oracles compare the same h: the one check_gradients
+computed (at matmul precision "highest", so pb.grad reuses its compile).
 
     python -m experiments.equivalence            # 2000 architectures
     python -m experiments.equivalence --quick    # 8 small ones, for the test suite
+    python -m experiments.equivalence --oracles numpy "finite differences" --previous OLD.csv
+                                                 # rerun some oracles, keep the others' rows from OLD.csv
 
 Writes equivalence.csv, equivalence.md and equivalence.png to experiments/results/.
 """
@@ -27,6 +38,7 @@ from __future__ import annotations
 import argparse
 import collections
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -40,12 +52,20 @@ import numpy as np  # noqa: E402
 import purebp as pb  # noqa: E402
 from purebp.check import FLOOR, TOLERANCE  # noqa: E402
 from purebp.testing import make_case, random_spec  # noqa: E402
-from reference import numpy_matrix  # noqa: E402
+from reference import finite_differences, numpy_matrix  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FD_TOLERANCE = 1e-6
-FD_STEP = 1e-5
-KINKED = ("relu", "leaky_relu")
+FD_FIRST_STEP = 0.1  # Ridders starts large and shrinks by 2 (reference.finite_differences)
+OLD_FD_STEP = 1e-5  # the fixed step of the previous run, still evaluated for comparison
+# activations where phi(t) is not smooth: relu and leaky_relu have a kink at z = 0 (no derivative across it);
+# elu's second derivative jumps there (1 to 0), which breaks the h^2, h^4, ... error expansion that
+# Richardson extrapolation relies on (with every step crossing some z = 0 of a wide batch, the first run of
+# the adaptive oracle missed the tolerance on 148 leaves of elu networks). Steps must not cross z = 0 there.
+KINKED = ("relu", "leaky_relu", "elu")
+ORACLES = ("jax.grad", "numpy", "finite differences")
+# the two finite-difference mismatches of the previous 2000-architecture run (fixed step 1e-5)
+FORMER_MISMATCHES = {(1851254610, 0, "w"): 1.3e-6, (1851254610, 0, "b"): 8.4e-6}
 
 
 def _oracle(weights, biases, case):
@@ -54,16 +74,21 @@ def _oracle(weights, biases, case):
     )
 
 
-def _pre_activation_signs(weights, biases, case) -> list[np.ndarray]:
-    """Signs of z^l of the kinked layers, to detect a finite-difference step that crosses a kink."""
+def _oracle_loss_and_signs(weights, biases, case) -> tuple[float, list[np.ndarray]]:
+    """The NumPy oracle's L (same operations as ``numpy_matrix.loss_and_gradients``, no backward pass) and
+    the signs of z^l of the KINKED layers, to tell whether a finite-difference step crossed z = 0 there."""
     a = np.asarray(case.x, np.float64).T
     signs = []
+    z = a
     for w, b, name in zip(weights, biases, case.net.activations):
         z = w @ a + b[:, None]
         if name in KINKED:
             signs.append(z > 0)
         a = numpy_matrix.activation(name, z)
-    return signs
+    y = numpy_matrix.dense_targets(np.asarray(case.y), weights[-1].shape[0]).T
+    cost, _ = numpy_matrix.cost_and_output_gradient(case.loss, z, a, y)
+    scale = 1.0 / a.shape[1] if case.reduction == "mean" else 1.0
+    return scale * float(np.sum(cost)), signs
 
 
 def _relative(difference: float, scale: float, floor: float) -> float:
@@ -73,19 +98,23 @@ def _relative(difference: float, scale: float, floor: float) -> float:
     return difference / denominator if denominator > 0 else math.inf
 
 
-def run_trial(spec, rng: np.random.Generator) -> list[dict]:
-    """Return one row per (oracle, leaf) for this architecture."""
+def run_trial(spec, rng: np.random.Generator, oracles=ORACLES) -> list[dict]:
+    """Return one row per (oracle, leaf) for this architecture (``oracles``: which of ORACLES to run)."""
     case = make_case(spec)
     dtype = np.dtype(spec.dtype)
     floor_factor = FLOOR[dtype]
-    report = pb.check_gradients(case.net, case.x, case.y, loss=spec.loss, reduction=spec.reduction)
-    grads = pb.grad(case.net, case.x, case.y, loss=spec.loss, reduction=spec.reduction)
+    with jax.default_matmul_precision("highest"):  # as in check_gradients: the same compiled h, no second compile
+        if "jax.grad" in oracles:
+            report = pb.check_gradients(case.net, case.x, case.y, loss=spec.loss, reduction=spec.reduction)
+        grads = pb.grad(case.net, case.x, case.y, loss=spec.loss, reduction=spec.reduction)
     h_leaves = [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(grads)]
     weights = [np.asarray(layer.w, np.float64) for layer in case.net.layers]
     biases = [np.asarray(layer.b, np.float64) for layer in case.net.layers]
     _, oracle_w, oracle_b = _oracle(weights, biases, case)
     oracle_leaves = [leaf for pair in zip(oracle_w, oracle_b) for leaf in pair]
     total = math.sqrt(sum(float(np.sum(g * g)) for g in oracle_leaves))
+    kinked = any(name in KINKED for name in spec.activations)
+    signs_at_zero = _oracle_loss_and_signs(weights, biases, case)[1]
     rows = []
     base = {
         "sizes": "-".join(map(str, spec.sizes)),
@@ -95,34 +124,60 @@ def run_trial(spec, rng: np.random.Generator) -> list[dict]:
         "batch": spec.batch,
         "seed": spec.seed,
     }
-    for index, leaf in enumerate(report.leaves):
-        layer_activation = spec.activations[leaf.layer]
-        common = {**base, "layer": leaf.layer, "param": leaf.parameter, "activation": layer_activation}
-        rows.append({**common, "oracle": "jax.grad", "error": leaf.relative_error, "status": "compared"})
-        h, g = h_leaves[index], oracle_leaves[index]
-        error = _relative(
-            float(np.linalg.norm((h - g).ravel())), float(np.linalg.norm(g.ravel())), floor_factor * total
-        )
-        rows.append({**common, "oracle": "numpy", "error": error, "status": "compared"})
-        # finite differences along a random unit direction of this leaf
+    no_fd = {
+        "fd_step": math.nan,
+        "fd_first_step": math.nan,
+        "fd_error_estimate": math.nan,
+        "fd_fixed_step_error": math.nan,
+    }
+    for index, (h, g) in enumerate(zip(h_leaves, oracle_leaves)):
+        layer, parameter = index // 2, "wb"[index % 2]
+        common = {**base, "layer": layer, "param": parameter, "activation": spec.activations[layer]}
+        if "jax.grad" in oracles:
+            leaf = report.leaves[index]
+            assert (leaf.layer, leaf.parameter) == (layer, parameter)
+            rows.append({**common, "oracle": "jax.grad", "error": leaf.relative_error, "status": "compared", **no_fd})
+        # the same denominator for every oracle: the float32 floor covers float32 h's own rounding on tiny leaves
+        # (before this run, finite differences used the float64 floor 1e-6 even for float32 h)
+        scale = float(np.linalg.norm(g.ravel()))
+        if "numpy" in oracles:
+            error = _relative(float(np.linalg.norm((h - g).ravel())), scale, floor_factor * total)
+            rows.append({**common, "oracle": "numpy", "error": error, "status": "compared", **no_fd})
+        # finite differences along a random unit direction of this leaf (drawn even when not run: same stream)
         direction = rng.standard_normal(g.shape)
         direction /= np.linalg.norm(direction.ravel())
-        plus_w, plus_b = list(weights), list(biases)
-        minus_w, minus_b = list(weights), list(biases)
-        target = (plus_w, minus_w) if leaf.parameter == "w" else (plus_b, minus_b)
-        source = weights if leaf.parameter == "w" else biases
-        target[0][leaf.layer] = source[leaf.layer] + FD_STEP * direction
-        target[1][leaf.layer] = source[leaf.layer] - FD_STEP * direction
-        crossed = any(
-            np.any(p != m)
-            for p, m in zip(_pre_activation_signs(plus_w, plus_b, case), _pre_activation_signs(minus_w, minus_b, case))
-        )
-        if crossed:
-            rows.append({**common, "oracle": "finite differences", "error": math.nan, "status": "kink"})
+        if "finite differences" not in oracles:
             continue
-        fd = (_oracle(plus_w, plus_b, case)[0] - _oracle(minus_w, minus_b, case)[0]) / (2 * FD_STEP)
-        error = _relative(abs(fd - float(np.sum(h * direction))), float(np.linalg.norm(g.ravel())), 1e-6 * total)
-        rows.append({**common, "oracle": "finite differences", "error": error, "status": "compared"})
+        source = weights if parameter == "w" else biases
+
+        def moved(t, source=source, layer=layer, direction=direction, parameter=parameter):
+            w, b = list(weights), list(biases)
+            (w if parameter == "w" else b)[layer] = source[layer] + t * direction
+            return _oracle_loss_and_signs(w, b, case)
+
+        def phi(t, moved=moved):
+            return moved(t)[0]
+
+        def smooth(t, moved=moved):  # no relu/leaky_relu/elu pre-activation changed sign between 0 and t
+            return all(np.array_equal(s, s0) for s, s0 in zip(moved(t)[1], signs_at_zero))
+
+        derivative = finite_differences.directional_derivative(phi, FD_FIRST_STEP, smooth=smooth if kinked else None)
+        projected = float(np.sum(h * direction))
+        fixed = math.nan  # what the previous run's fixed step 1e-5 gives (NaN where it would cross a kink)
+        if not kinked or (smooth(OLD_FD_STEP) and smooth(-OLD_FD_STEP)):
+            old = (phi(OLD_FD_STEP) - phi(-OLD_FD_STEP)) / (2 * OLD_FD_STEP)
+            fixed = _relative(abs(old - projected), scale, floor_factor * total)
+        fd = {
+            "fd_step": derivative.step,
+            "fd_first_step": derivative.first_step,
+            "fd_error_estimate": _relative(derivative.error, scale, floor_factor * total),
+            "fd_fixed_step_error": fixed,
+        }
+        if not derivative.smooth:
+            rows.append({**common, "oracle": "finite differences", "error": math.nan, "status": "kink", **fd})
+            continue
+        error = _relative(abs(derivative.value - projected), scale, floor_factor * total)
+        rows.append({**common, "oracle": "finite differences", "error": error, "status": "compared", **fd})
     return rows
 
 
@@ -133,16 +188,21 @@ def tolerance(row: dict) -> float:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Worst and median error per oracle x dtype x activation, with mismatch counts."""
+    """Worst and median error per oracle x dtype x activation, with mismatch counts and the FD steps used."""
     groups = collections.defaultdict(list)
     for row in rows:
         groups[(row["oracle"], row["dtype"], row["activation"])].append(row)
     table = []
     for (oracle, dtype, activation), members in sorted(groups.items()):
-        errors = np.asarray([r["error"] for r in members if r["status"] == "compared"])
+        compared = [r for r in members if r["status"] == "compared"]
+        errors = np.asarray([r["error"] for r in compared])
+        steps = np.asarray([r["fd_step"] for r in compared if not math.isnan(r["fd_step"])])
+        estimates = np.asarray([r["fd_error_estimate"] for r in compared if not math.isnan(r["fd_error_estimate"])])
+        fixed = [r["fd_fixed_step_error"] for r in members if not math.isnan(r["fd_fixed_step_error"])]
         table.append(
             {
                 "oracle": oracle,
+                "run": members[0]["run"],
                 "dtype": dtype,
                 "activation": activation,
                 "leaves": len(members),
@@ -150,22 +210,48 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "median": float(np.median(errors)) if errors.size else math.nan,
                 "worst": float(np.max(errors)) if errors.size else math.nan,
                 "tolerance": tolerance(members[0]),
-                "mismatches": int(sum(r["status"] == "compared" and not r["error"] <= tolerance(r) for r in members)),
+                "mismatches": int(sum(not r["error"] <= tolerance(r) for r in compared)),
+                "fd_step_min": float(steps.min()) if steps.size else math.nan,
+                "fd_step_max": float(steps.max()) if steps.size else math.nan,
+                "fd_estimate_worst": float(estimates.max()) if estimates.size else math.nan,
+                "fixed_step_mismatches": int(sum(not e <= tolerance(members[0]) for e in fixed)) if fixed else None,
             }
         )
     return table
 
 
-def write_outputs(rows, table, specs, seconds, out: Path, quick: bool) -> None:
+def _former_mismatch_lines(rows: list[dict]) -> list[str]:
+    """What the adaptive oracle gives on the two leaves that failed with the fixed step 1e-5."""
+    lines = []
+    for row in rows:
+        key = (row["seed"], row["layer"], row["param"])
+        if row["oracle"] == "finite differences" and row["run"] == "this run" and key in FORMER_MISMATCHES:
+            lines.append(
+                f"- layer {row['layer']} {row['param']}: fixed step 1e-5 {FORMER_MISMATCHES[key]:.1e} in the previous "
+                f"run ({row['fd_fixed_step_error']:.1e} recomputed here), adaptive **{row['error']:.1e}** "
+                f"(step {row['fd_step']:.1e}, error estimate {row['fd_error_estimate']:.1e}), status {row['status']}"
+            )
+    return lines
+
+
+def write_outputs(
+    rows, table, specs, seconds, out: Path, quick: bool, previous: str | None = None, load: str = ""
+) -> None:
     import csv
 
     out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if quick else ""
+    fields = list(dict.fromkeys(key for row in rows for key in row))
     with open(out / f"equivalence{suffix}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     mismatches = sum(r["mismatches"] for r in table)
+    fd_rows = [r for r in rows if r["oracle"] == "finite differences" and r["status"] == "compared"]
+    fixed = [r for r in fd_rows if not math.isnan(r["fd_fixed_step_error"])]
+    fixed_fail = sum(not r["fd_fixed_step_error"] <= tolerance(r) for r in fixed)
+    steps = np.asarray([r["fd_step"] for r in fd_rows])
+    fresh = sorted({r["oracle"] for r in rows if r["run"] == "this run"}, key=ORACLES.index)
     lines = [
         "# Equivalence: hand-written gradient vs jax.grad, the NumPy oracle and finite differences",
         "",
@@ -173,23 +259,93 @@ def write_outputs(rows, table, specs, seconds, out: Path, quick: bool) -> None:
         f"{sum(s.dtype == 'float64' for s in specs)} float64; depths {min(len(s.sizes) - 1 for s in specs)}-"
         f"{max(len(s.sizes) - 1 for s in specs)}; {sum(1 in s.sizes for s in specs)} with a width of 1; "
         f"{sum(s.batch == 1 for s in specs)} with batch 1; every loss/output pair), {len(rows)} leaf comparisons, "
-        f"**{mismatches} mismatches**. {seconds:.0f} s on {platform.machine()} "
-        f"({platform.processor() or 'cpu'}), jax {jax.__version__}.",
+        f"**{mismatches} mismatches**. This run ({', '.join(fresh)}): {seconds:.0f} s on {platform.machine()} "
+        f"({platform.processor() or 'cpu'}, {os.cpu_count()} cores{', ' + load if load else ''}), "
+        f"jax {jax.__version__}.",
+    ]
+    if previous:
+        lines += [
+            "",
+            f"**Not every oracle was rerun.** Rows whose `run` column says `{previous}` are copied unchanged from "
+            "the previous run on the same 2000 architectures (same seed, same specs), which tested the purebp of "
+            "that commit; the hand-written pass has changed since (24de3a8: relu/leaky_relu/elu derivatives from "
+            "the stored activation), so those rows are not a check of the current code. Only the oracles named "
+            "above were run again, on the current code, to fit the time available on a shared 2-core machine; "
+            "`python -m experiments.equivalence` reruns all three.",
+        ]
+    lines += [
         "",
         "Error per leaf: ||h - g||_2 / max(||g||_2, f ||g_all||_2), f = 1e-6 (float64) / 1e-3 (float32); finite "
-        "differences: |fd - <h, v>| over the same denominator, v a random unit direction, step 1e-5, float64 "
-        "oracle loss. `kink_skipped`: the step moved a relu pre-activation across 0 (no derivative to compare).",
+        "differences: |fd - <h, v>| over the same denominator, v a random unit direction, float64 oracle loss. "
+        "`kink skipped`: no step down to 1e-7 kept every relu/leaky_relu/elu pre-activation on its side of 0 "
+        "(nothing smooth to extrapolate; the fixed step of the previous run skipped 2). "
+        "`FD step`: the range over the leaves of the smallest step that went into the "
+        "adaptive estimate; `FD est.`: the worst error estimate the oracle gave, over the same denominator.",
         "",
-        "Command: `python -m experiments.equivalence" + (" --quick" if quick else "") + "`",
+        "Command: `python -m experiments.equivalence"
+        + (" --quick" if quick else "")
+        + (
+            " --oracles " + " ".join(o if " " not in o else f'"{o}"' for o in fresh) + " --previous OLD.csv "
+            f'--previous-label "{previous}"`, OLD.csv being the equivalence.csv of that run'
+            if previous
+            else "`"
+        ),
         "",
-        "| oracle | dtype | activation | leaves | kink skipped | median | worst | tolerance | mismatches |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| oracle | run | dtype | activation | leaves | kink skipped | median | worst | tolerance | mismatches "
+        "| FD step | FD est. |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table:
+        step = "" if math.isnan(r["fd_step_min"]) else f"{r['fd_step_min']:.0e}–{r['fd_step_max']:.0e}"
+        estimate = "" if math.isnan(r["fd_estimate_worst"]) else f"{r['fd_estimate_worst']:.0e}"
         lines.append(
-            f"| {r['oracle']} | {r['dtype']} | {r['activation']} | {r['leaves']} | {r['kink_skipped']} | "
-            f"{r['median']:.1e} | {r['worst']:.1e} | {r['tolerance']:.0e} | {r['mismatches']} |"
+            f"| {r['oracle']} | {r['run']} | {r['dtype']} | {r['activation']} | {r['leaves']} | {r['kink_skipped']} | "
+            f"{r['median']:.1e} | {r['worst']:.1e} | {r['tolerance']:.0e} | {r['mismatches']} | {step} | {estimate} |"
         )
+    if fd_rows:
+        lines += [
+            "",
+            "## The finite-difference oracle is adaptive now",
+            "",
+            "The previous run used one central difference with a fixed step 1e-5 and reported 2 mismatches, both "
+            "the oracle's own rounding: layer 0 (w and b) of one depth-8 network (`39-24-36-32-56-8-20-19-40`, "
+            "mostly sigmoid, mse, float64, batch 59, seed 1851254610) whose first-layer gradient is 3e-4 to 4e-3 "
+            "of the whole gradient while L ~ 20, so the difference quotient carries rounding error ~eps L / h ~ "
+            "4e-10, about 2e-5 of that leaf (jax.grad and the NumPy oracle agreed with the hand-written gradient "
+            "to ~1e-15 on the same leaves). A fixed step cannot suit every loss scale and curvature, so the oracle "
+            "(`reference/finite_differences.directional_derivative`) now uses Ridders' method: central differences "
+            "at h = 0.1, 0.05, 0.025, ... combined by Richardson extrapolation (each combination removes the next "
+            "h^2k error term), each entry with an error estimate, returning the entry with the smallest estimate "
+            "and stopping once rounding makes the estimates grow. Large steps keep rounding ~eps L / h small; "
+            "the extrapolation removes the truncation error large steps bring. Richardson extrapolation needs phi "
+            "smooth over the steps, so where a relu, leaky_relu or elu pre-activation could cross 0 (a kink, or for "
+            "elu a jump of G'' from 1 to 0) the first step is halved until none changes sign at +h or -h (down to "
+            "1e-7), and every later step is checked the same way. The directions v are the same as in the previous "
+            "run (same generator, same order).",
+            "",
+            "Two more changes, both found by the first full run of the adaptive oracle (148 mismatches): (1) it "
+            "checked signs for relu/leaky_relu only, and all 148 leaves were in elu networks, where nearly every "
+            "large step crosses some elu z = 0 of a wide batch and the extrapolated value was off by 1e-6 to 8e-5 "
+            "(float64; 1e-5 to 6e-4 for float32 h), where the fixed step 1e-5, crossing few, passed on 147 of "
+            "them; elu joined the sign check. Rechecking the 110 networks of those "
+            "leaves with that change left one: (2) a float32 leaf (`41-17-2-1-30-54-47-29`, layer 2 b) whose norm "
+            "is below 1e-3 of the whole gradient, at 1.1e-5 with the oracle's error estimate 7e-12, i.e. the "
+            "float32 gradient's own rounding. Finite differences had used the float64 floor 1e-6 ||g_all|| for "
+            "float32 h too; they now use the floor every other comparison uses (1e-3 in float32), as the error "
+            "measure above says. And all oracles now compare the same h: `purebp.grad` runs at matmul precision "
+            '"highest", as `check_gradients` does, so it reuses that compile (on this CPU that h was bit-identical '
+            "to the default-precision one where checked; the float32 h of that network did change since the "
+            "previous run, with the library, see above).",
+            "",
+            f"Over the {len(fd_rows)} compared leaves the steps used range from {steps.min():.0e} to "
+            f"{steps.max():.0e} (median {np.median(steps):.0e}). The old fixed step 1e-5, evaluated again on the "
+            f"same directions for comparison (`fd_fixed_step_error` in the CSV; {len(fixed)} leaves where it "
+            f"crosses no kink), fails the tolerance on {fixed_fail} of them. The two former mismatches:",
+            "",
+            *(_former_mismatch_lines(rows) or ["- not among these architectures"]),
+            "",
+            "`python -m experiments.equivalence_fd_recheck` recomputes both, fixed step and adaptive.",
+        ]
     (out / f"equivalence{suffix}.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -198,7 +354,7 @@ def write_outputs(rows, table, specs, seconds, out: Path, quick: bool) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=False)
-    for axis, oracle in zip(axes, ("jax.grad", "numpy", "finite differences")):
+    for axis, oracle in zip(axes, ORACLES):
         for dtype, color in (("float32", "tab:orange"), ("float64", "tab:blue")):
             errors = np.asarray(
                 [
@@ -213,7 +369,8 @@ def write_outputs(rows, table, specs, seconds, out: Path, quick: bool) -> None:
         for dtype, color in (("float32", "tab:orange"), ("float64", "tab:blue")):
             limit = tolerance({"oracle": oracle, "dtype": dtype})
             axis.axvline(np.log10(limit), color=color, linestyle="--", linewidth=1)
-        axis.set_title(f"vs {oracle}")
+        run = next((r["run"] for r in rows if r["oracle"] == oracle), "this run")
+        axis.set_title(f"vs {oracle}" + ("" if run == "this run" else f" ({run})"))
         axis.set_xlabel("log10 relative error per leaf (zeros at -20)")
         axis.legend()
     axes[0].set_ylabel("leaves")
@@ -223,17 +380,42 @@ def write_outputs(rows, table, specs, seconds, out: Path, quick: bool) -> None:
     plt.close(fig)
 
 
+def _previous_rows(path: Path, oracles, label: str, specs) -> list[dict]:
+    """The rows of the oracles not rerun, from an earlier run's CSV of the same architectures."""
+    import csv
+
+    with open(path, newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["oracle"] not in oracles]
+    seeds = {s.seed for s in specs}
+    if {int(r["seed"]) for r in rows} != seeds:
+        raise ValueError(f"{path} is not a run of the same architectures (its seeds differ from this run's)")
+    for r in rows:
+        r.update(batch=int(r["batch"]), seed=int(r["seed"]), layer=int(r["layer"]), error=float(r["error"]))
+        r.update(fd_step=math.nan, fd_first_step=math.nan, fd_error_estimate=math.nan, fd_fixed_step_error=math.nan)
+        r["run"] = label
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="8 small architectures (for the test suite)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--oracles", nargs="+", choices=ORACLES, default=list(ORACLES), help="which oracles to run")
+    parser.add_argument(
+        "--previous", type=Path, help="CSV of an earlier run of the same architectures: rows of the oracles not run"
+    )
+    parser.add_argument("--previous-label", default="previous run", help="how the table labels those rows")
     args = parser.parse_args(argv)
+    oracles = tuple(o for o in ORACLES if o in args.oracles)
     trials = 8 if args.quick else args.trials
     limits = {"max_depth": 3, "max_width": 8, "max_batch": 8} if args.quick else {}
     rng = np.random.default_rng(args.seed)
     specs = [random_spec(rng, dtype=("float32", "float64")[i % 2], **limits) for i in range(trials)]
+    previous = []
+    if args.previous is not None:  # read before the long run, so a wrong file fails at once
+        previous = _previous_rows(args.previous, oracles, args.previous_label, specs)
     try:
         from tqdm import tqdm
     except ImportError:  # progress bar is optional
@@ -241,17 +423,22 @@ def main(argv=None) -> int:
         def tqdm(iterable, **_):
             return iterable
 
+    load_start = os.getloadavg()[0]
     start = time.perf_counter()
     rows = []
-    for spec in tqdm(specs, desc="architectures", disable=None):
-        rows.extend(run_trial(spec, rng))
+    for number, spec in enumerate(tqdm(specs, desc="architectures", disable=None), start=1):
+        rows.extend({**row, "run": "this run"} for row in run_trial(spec, rng, oracles))
         jax.clear_caches()  # each architecture is a new program; thousands would exhaust memory mappings
+        if number % 100 == 0:  # a line in a log file, where tqdm draws nothing
+            print(f"{number}/{trials} architectures, {time.perf_counter() - start:.0f} s", flush=True)
     seconds = time.perf_counter() - start
+    rows = previous + rows
     table = summarise(rows)
-    write_outputs(rows, table, specs, seconds, args.out, args.quick)
+    load = f"1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    write_outputs(rows, table, specs, seconds, args.out, args.quick, args.previous_label if previous else None, load)
     mismatches = sum(r["mismatches"] for r in table)
     print(f"{trials} architectures, {len(rows)} leaf comparisons, {mismatches} mismatches, {seconds:.0f} s")
-    for oracle in ("jax.grad", "numpy", "finite differences"):
+    for oracle in ORACLES:
         for dtype in ("float32", "float64"):
             worst = max((r["worst"] for r in table if r["oracle"] == oracle and r["dtype"] == dtype), default=math.nan)
             print(f"  worst vs {oracle:<18} {dtype}: {worst:.2e}")
