@@ -2,5 +2,6 @@
 
 - ``numpy_matrix``: the notes' matrix form, NumPy float64, column-major.
 - ``scalar_chain_rule``: the slides' per-neuron chain rule in Python loops.
-- ``finite_differences``: central differences in float64.
+- ``finite_differences``: central differences in float64, fixed-step and adaptive (Ridders' Richardson
+  extrapolation with an error estimate).
 """
