@@ -34,6 +34,7 @@ import optax
 from purebp import backprop as _backprop
 from purebp import check as _check
 from purebp import losses as _losses
+from purebp import precision as _precision
 from purebp.network import Network, validate_network
 
 Array = jax.Array
@@ -89,6 +90,7 @@ def make_train_step(
     reduction: str = "mean",
     gradient: str = "handwritten",
     mesh: jax.sharding.Mesh | None = None,
+    compute_dtype: str | None = None,
 ) -> Callable[[Network, Any, Batch], tuple[Network, Any, dict[str, Array]]]:
     """Return the pure step ``(net, opt_state, (x, y)) -> (new_net, new_opt_state, {"loss": L})``.
 
@@ -101,11 +103,19 @@ def make_train_step(
     With a ``mesh`` the gradient is data-parallel over its "data" axis
     (``purebp.distributed``): the batch is split, each device runs the
     hand-written pass on its share, one ``psum`` adds the shares.
+    With ``compute_dtype`` ("bfloat16" or "float16") the step is mixed
+    precision (``purebp.precision.mixed_value_and_grad``): ``net`` and x stay
+    in the master dtype (float32), the hand-written pass runs on copies cast
+    to ``compute_dtype``, and L, the gradients, the optimizer state and the
+    update are in the master dtype; its dtype and shape checks run once per
+    trace. Not combined with a ``mesh`` or ``gradient="autodiff"`` yet.
     """
     value_and_grad = _gradient_function(gradient)
     if mesh is not None:
         _check_mesh_gradient(gradient)
         value_and_grad = _data_parallel_gradient(mesh)
+    if compute_dtype is not None:
+        value_and_grad = _mixed_gradient(compute_dtype, gradient, mesh)
 
     def train_step(net: Network, opt_state: Any, batch: Batch):
         x, y = batch
@@ -118,6 +128,16 @@ def make_train_step(
         return net, opt_state, {"loss": value}
 
     return train_step
+
+
+def _mixed_gradient(compute_dtype: str, gradient: str, mesh: jax.sharding.Mesh | None) -> Callable:
+    if gradient != "handwritten":
+        raise ValueError(
+            f"compute_dtype needs gradient='handwritten' (the mixed pass is hand-written), got {gradient!r}"
+        )
+    if mesh is not None:
+        raise ValueError("compute_dtype cannot be combined with a mesh yet: the data-parallel pass has no mixed mode")
+    return _precision.mixed_value_and_grad(compute_dtype)
 
 
 def _check_mesh_gradient(gradient: str) -> None:
