@@ -7,6 +7,7 @@ from purebp.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save
 from purebp.distributed import ProcessFailureError, data_parallel_value_and_grad, make_data_mesh
 from purebp.network import Layer, Network, init_mlp
 from purebp.per_example import dp_sgd_step, dp_value_and_grad, per_example_grad_norms, per_example_grads
+from purebp.precision import cast_network, mixed_value_and_grad
 from purebp.training import (
     DivergenceError,
     GradientMismatchError,
@@ -30,6 +31,7 @@ __all__ = [
     "ProcessFailureError",
     "autodiff_value_and_grad",
     "backprop_trace",
+    "cast_network",
     "check_gradients",
     "data_parallel_value_and_grad",
     "dp_sgd_step",
@@ -43,6 +45,7 @@ __all__ = [
     "make_data_mesh",
     "make_optimizer",
     "make_train_step",
+    "mixed_value_and_grad",
     "per_example_grad_norms",
     "per_example_grads",
     "register_activation",

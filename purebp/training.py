@@ -37,6 +37,7 @@ import optax
 from purebp import backprop as _backprop
 from purebp import check as _check
 from purebp import losses as _losses
+from purebp import precision as _precision
 from purebp import programs
 from purebp.network import Network, validate_network
 
@@ -93,6 +94,7 @@ def make_train_step(
     reduction: str = "mean",
     gradient: str = "handwritten",
     mesh: jax.sharding.Mesh | None = None,
+    compute_dtype: str | None = None,
 ) -> Callable[[Network, Any, Batch], tuple[Network, Any, dict[str, Array]]]:
     """Return the pure step ``(net, opt_state, (x, y)) -> (new_net, new_opt_state, {"loss": L})``.
 
@@ -105,11 +107,19 @@ def make_train_step(
     With a ``mesh`` the gradient is data-parallel over its "data" axis
     (``purebp.distributed``): the batch is split, each device runs the
     hand-written pass on its share, one ``psum`` adds the shares.
+    With ``compute_dtype`` ("bfloat16" or "float16") the step is mixed
+    precision (``purebp.precision.mixed_value_and_grad``): ``net`` and x stay
+    in the master dtype (float32), the hand-written pass runs on copies cast
+    to ``compute_dtype``, and L, the gradients, the optimizer state and the
+    update are in the master dtype; its dtype and shape checks run once per
+    trace. Not combined with a ``mesh`` or ``gradient="autodiff"`` yet.
     """
     value_and_grad = _gradient_function(gradient)
     if mesh is not None:
         _check_mesh_gradient(gradient)
         value_and_grad = _data_parallel_gradient(mesh)
+    if compute_dtype is not None:
+        value_and_grad = _mixed_gradient(compute_dtype, gradient, mesh)
 
     def train_step(net: Network, opt_state: Any, batch: Batch):
         x, y = batch
@@ -122,6 +132,16 @@ def make_train_step(
         return net, opt_state, {"loss": value}
 
     return train_step
+
+
+def _mixed_gradient(compute_dtype: str, gradient: str, mesh: jax.sharding.Mesh | None) -> Callable:
+    if gradient != "handwritten":
+        raise ValueError(
+            f"compute_dtype needs gradient='handwritten' (the mixed pass is hand-written), got {gradient!r}"
+        )
+    if mesh is not None:
+        raise ValueError("compute_dtype cannot be combined with a mesh yet: the data-parallel pass has no mixed mode")
+    return _precision.mixed_value_and_grad(compute_dtype)
 
 
 def _check_mesh_gradient(gradient: str) -> None:
@@ -172,6 +192,7 @@ def run_epoch(
     shuffle: bool,
     mesh: jax.sharding.Mesh | None = None,
     start: int | Array = 0,
+    compute_dtype: str | None = None,
 ) -> tuple[EpochState, Array]:
     """Run ``num_batches`` steps from ``state`` as one ``lax.scan``; return (final ``EpochState``, per-step losses).
 
@@ -182,7 +203,8 @@ def run_epoch(
     steps (after a non-finite loss) are NaN. With a ``mesh`` each step's
     gradient is data-parallel over its "data" axis (``batch_size`` must divide
     by its size; ``fit`` checks); ``fit`` itself uses ``run_sharded_epoch``,
-    which also works across processes.
+    which also works across processes. ``compute_dtype`` makes each step mixed
+    precision (``make_train_step``).
 
     The compiled program is keyed on ``programs.program_key(optimizer.update)``,
     not on the optimizer object: a new optax object that computes the same thing
@@ -202,6 +224,7 @@ def run_epoch(
         num_batches=num_batches,
         shuffle=shuffle,
         mesh=mesh,
+        compute_dtype=compute_dtype,
     )
 
 
@@ -215,12 +238,17 @@ def _with_update(update: programs.Static) -> optax.GradientTransformation:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("update", "loss", "reduction", "gradient", "batch_size", "num_batches", "shuffle", "mesh"),
-)
+    static_argnames=(
+        "update", "loss", "reduction", "gradient", "batch_size", "num_batches", "shuffle", "mesh", "compute_dtype"
+    ),
+)  # fmt: skip
 def _run_epoch_jit(
-    state, key, x, y, start, *, update, loss, reduction, gradient, batch_size, num_batches, shuffle, mesh
-):
-    step = make_train_step(_with_update(update), loss=loss, reduction=reduction, gradient=gradient, mesh=mesh)
+    state, key, x, y, start, *, update, loss, reduction, gradient, batch_size, num_batches, shuffle, mesh,
+    compute_dtype,
+):  # fmt: skip
+    step = make_train_step(
+        _with_update(update), loss=loss, reduction=reduction, gradient=gradient, mesh=mesh, compute_dtype=compute_dtype
+    )
     n = x.shape[0]
     order = jax.random.permutation(key, n) if shuffle else jnp.arange(n)
     used = jax.lax.dynamic_slice_in_dim(order, start * batch_size, num_batches * batch_size)
@@ -475,6 +503,7 @@ class _Run:
     mesh: jax.sharding.Mesh | None
     stop: Callable[[], bool] | None
     log: Callable[[str], None]
+    compute_dtype: str | None
 
 
 def fit(
@@ -500,6 +529,7 @@ def fit(
     stop: Callable[[], bool] | None = None,
     settings: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    compute_dtype: str | None = None,
 ) -> tuple[Network, dict[str, list]]:
     """Train ``net`` on ``train = (x, y)``; return (trained net, history). ``net`` is not modified.
 
@@ -530,6 +560,10 @@ def fit(
     - ``settings``: the caller's own settings that shape the run (``purebp
       train`` passes its command-line flags), saved in the checkpoint and
       compared on resume.
+    - ``compute_dtype`` ("bfloat16" or "float16"): mixed precision, the
+      parameters (the float32 master copy), optimizer state and update stay in
+      the network's dtype, each step's hand-written pass runs on copies cast
+      to ``compute_dtype`` (``purebp.precision.mixed_value_and_grad``).
     - ``log(message)`` receives what fit has to say (resumed from where, the
       gradient check's worst error, nothing to do); default: the
       ``"purebp.training"`` logger at INFO level.
@@ -559,7 +593,7 @@ def fit(
     """
     run = _validate_fit(
         net, train, loss, optimizer, learning_rate, epochs, steps, batch_size, key, eval, reduction, gradient,
-        checkpoint, checkpoint_every, resume, callback, mesh, stop, log,
+        checkpoint, checkpoint_every, resume, callback, mesh, stop, log, compute_dtype,
     )  # fmt: skip
     with jax.numpy_dtype_promotion("standard"):
         opt_state = run.optimizer.init(net)
@@ -588,7 +622,7 @@ def fit(
 
 def _validate_fit(
     net, train, loss, optimizer, learning_rate, epochs, steps, batch_size, key, eval, reduction, gradient,
-    checkpoint, checkpoint_every, resume, callback, mesh, stop, log,
+    checkpoint, checkpoint_every, resume, callback, mesh, stop, log, compute_dtype,
 ) -> _Run:  # fmt: skip
     """Check every argument of ``fit`` (and the data's values) before anything compiles; return a ``_Run``."""
     validate_network(net)
@@ -620,6 +654,13 @@ def _validate_fit(
         raise TypeError(f"stop must be a callable returning bool, got {type(stop).__name__}")
     if log is not None and not callable(log):
         raise TypeError(f"log must be a callable taking a message, got {type(log).__name__}")
+    if compute_dtype is not None:  # a static name, so that equal dtypes share a program
+        from purebp.network import supported_dtype
+
+        compute_dtype = supported_dtype(compute_dtype).name
+        # raises on a combination the mixed step does not support (a mesh, autodiff)
+        make_train_step(optimizer, loss=loss, reduction=reduction, gradient=gradient, mesh=mesh,
+                        compute_dtype=compute_dtype)  # fmt: skip
     checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
     if resume and checkpoint is None:
         raise ValueError("resume=True needs a checkpoint path")
@@ -644,6 +685,7 @@ def _validate_fit(
         mesh=mesh,
         stop=stop,
         log=log if log is not None else logging.getLogger("purebp.training").info,
+        compute_dtype=compute_dtype,
     )
 
 
@@ -658,6 +700,7 @@ def _run_config(net: Network, run: _Run, opt_state: Any, settings: dict | None) 
         "batch_size": run.schedule.batch_size,
         "total_steps": run.schedule.total_steps,
         "gradient": run.gradient,
+        "compute_dtype": run.compute_dtype,
         "optimizer": programs.describe(run.optimizer.update, "update") | _initial_state_scalars(opt_state),
         "settings": dict(settings or {}),
     }
@@ -766,7 +809,7 @@ def _train(run: _Run, net: Network, opt_state: Any, start: int, history: dict, c
         if run.mesh is None:
             state, step_losses = run_epoch(
                 state, epoch_key, run.x, run.y, gradient=run.gradient, batch_size=schedule.batch_size,
-                num_batches=count, shuffle=schedule.shuffle, start=offset, **options,
+                num_batches=count, shuffle=schedule.shuffle, start=offset, compute_dtype=run.compute_dtype, **options,
             )  # fmt: skip
             bad_step, mean_loss = int(state.bad_step), float(jnp.mean(step_losses))
             local_state = state

@@ -226,3 +226,18 @@ def test_numpy_inputs_are_cast_to_the_network_dtype_and_jax_arrays_of_another_dt
     _assert_identical(grads_host, grads)
     with pytest.raises(TypeError, match="x has dtype float64 but the network's parameters are float32"):
         pb.value_and_grad(net, jnp.asarray(host), y, loss="softmax_cross_entropy")
+
+
+def test_fit_trains_in_mixed_precision_and_a_resume_with_another_compute_dtype_is_refused(tmp_path):
+    net, x, y = _classification()
+    path = str(tmp_path / "run.ckpt")
+    options = OPTIONS | dict(optimizer=pb.make_optimizer("adam", 1e-2))
+    mixed, history = pb.fit(net, (x, y), steps=30, compute_dtype="bfloat16", checkpoint=path, **options)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(mixed))  # the master copy stays float32
+    assert history["train_loss"][-1] < 0.9 * history["train_loss"][0]
+    full, _ = pb.fit(net, (x, y), steps=30, **options)
+    assert not np.array_equal(np.asarray(mixed.layers[0].w), np.asarray(full.layers[0].w))  # bfloat16 did run
+    with pytest.raises(ValueError, match=re.escape("compute_dtype: checkpoint 'bfloat16', now None")):
+        pb.fit(net, (x, y), steps=40, checkpoint=path, resume=True, **options)
+    with pytest.raises(ValueError, match="compute_dtype needs gradient='handwritten'"):
+        pb.fit(net, (x, y), steps=4, compute_dtype="float16", gradient="autodiff", **options)
