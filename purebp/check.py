@@ -7,6 +7,7 @@ witness the hand-written pass is compared with, never part of it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -66,6 +67,44 @@ def autodiff_value_and_grad(
     """
     _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
     return _autodiff_value_and_grad_jit(net, x, y, loss, reduction)
+
+
+def _both_value_and_grad(net: Network, x: Array, y: Array, loss: str, reduction: str):
+    # the same two jitted functions as check_gradients' default path, nested in one program
+    hand = _backprop._value_and_grad_jit(net, x, y, loss, reduction)
+    return hand, _autodiff_value_and_grad_jit(net, x, y, loss, reduction)
+
+
+# XLA options for a program compiled to run once (check_gradients(fast_compile=True)), where compile
+# time is nearly all of the cost: the same HLO program, its kernels emitted by the classic elemental
+# emitters instead of the MLIR fusion emitters, as one LLVM module, compiled by LLVM at -O0.
+# CPU only: on other backends the program keeps XLA's defaults.
+FAST_COMPILE_OPTIONS = {
+    "cpu": {
+        "xla_backend_optimization_level": 0,
+        "xla_cpu_use_fusion_emitters": False,
+        "xla_cpu_parallel_codegen_split_count": 1,
+    }
+}
+
+
+@functools.cache
+def _fast_compile_jit(platform: str):
+    return jax.jit(
+        _both_value_and_grad,
+        static_argnames=("loss", "reduction"),
+        compiler_options=FAST_COMPILE_OPTIONS.get(platform),
+    )
+
+
+def _fast_compile_call(net: Network, x: Array, y: Array, loss: str, reduction: str):
+    jitted = _fast_compile_jit(jax.default_backend())
+    # traced with jit disabled, the inner jitted functions (the two above, jnp's) inline into one
+    # flat jaxpr with the same equations: less tracing, and XLA would inline them anyway. Compiled
+    # ahead of time, the executable is in no cache: it is freed when this returns.
+    with jax.disable_jit():
+        lowered = jitted.trace(net, x, y, loss, reduction).lower()
+    return lowered.compile()(net, x, y)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +213,7 @@ def check_gradients(
     loss: str,
     reduction: str = "mean",
     tolerance: float | None = None,
+    fast_compile: bool = False,
 ) -> GradientReport:
     """Compare ``purebp.value_and_grad`` with ``jax.value_and_grad`` of the same function.
 
@@ -199,6 +239,14 @@ def check_gradients(
     side of 0 than in float64, which moves both far from float64 together
     while they still agree with each other. Returns a ``GradientReport``;
     ``str(report)`` is a table.
+
+    ``fast_compile=True`` is for an architecture checked once (``purebp
+    verify``), where compiling is nearly all the cost: the same two functions
+    are traced into one program (XLA may compute the forward pass they share
+    once) and compiled on CPU with ``FAST_COMPILE_OPTIONS`` (LLVM -O0, classic
+    emitters). The math, op by op, is the same; the kernels are less
+    optimised, so results can differ from the default compile in the last
+    bits. Both gradients are compiled alike; the comparison is unchanged.
     """
     dtype = np.dtype(net.dtype)
     if tolerance is None:
@@ -213,8 +261,11 @@ def check_gradients(
         "check_gradients: the network", **{f"layer {i // 2} {'wb'[i % 2]}": leaf for i, leaf in enumerate(leaves)}
     )
     with jax.default_matmul_precision("highest"):
-        value_h, grads_h = _backprop._value_and_grad_jit(net, x, y, loss, reduction)
-        value_g, grads_g = _autodiff_value_and_grad_jit(net, x, y, loss, reduction)
+        if fast_compile:
+            (value_h, grads_h), (value_g, grads_g) = _fast_compile_call(net, x, y, loss, reduction)
+        else:
+            value_h, grads_h = _backprop._value_and_grad_jit(net, x, y, loss, reduction)
+            value_g, grads_g = _autodiff_value_and_grad_jit(net, x, y, loss, reduction)
     leaves = compare_gradients(grads_h, grads_g, tolerance=tolerance, floor=floor)
     reference_dtype = None
     if dtype in LOW_PRECISION:

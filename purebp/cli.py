@@ -29,7 +29,10 @@ def add_verify_parser(subparsers: argparse._SubParsersAction) -> None:
         help="random architectures through check_gradients (hand-written vs JAX autodiff)",
         description="Draw random architectures (depth 1-8, widths 1-64, any activation per hidden "
         "layer, every valid output/cost pair, batch 1-64, both reductions) and compare the "
-        "hand-written gradient with JAX autodiff on each. Exit code 1 on any mismatch.",
+        "hand-written gradient with JAX autodiff on each; one row per architecture as soon as it "
+        "is checked. Each architecture is a new program, compiled once and run once, so by default "
+        "its two gradients are compiled together at XLA's quick settings (LLVM -O0: the same ops, "
+        "less optimised kernels). Exit code 1 on any mismatch.",
     )
     parser.add_argument("--trials", type=int, default=200, help="number of random architectures (default 200)")
     parser.add_argument(
@@ -39,13 +42,42 @@ def add_verify_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-depth", type=int, default=8)
     parser.add_argument("--max-width", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument(
+        "--full-compile",
+        action="store_true",
+        help="compile each gradient as its own program with XLA's default optimisations, as "
+        "purebp.value_and_grad runs (several times slower)",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only failures and the summary")
     parser.set_defaults(handler=run_verify)
 
 
+# jax.clear_caches() after every so many architectures: each one is a new program, and with
+# --full-compile thousands of cached executables exhaust the process's memory mappings (LLVM 'Cannot
+# allocate memory', seen after some hundreds of trials); the fast path caches no executable, only traces
+_VERIFY_CLEAR_EVERY = 32
+
+
+def _verify_sizes_width(max_depth: int, max_width: int) -> int:
+    # the longest sizes cell this run can draw (depth + 1 widths, the output at least 2 wide),
+    # so the column is never cut
+    return max(len("sizes"), (max_depth + 1) * (len(str(max(max_width, 2))) + 1) - 1)
+
+
+def _verify_row(columns: Sequence[str], sizes_width: int) -> str:
+    # the activation list comes last, unpadded: it is never cut, however deep the network
+    trial, sizes, loss, reduction, dtype, batch, error, verdict, activations = columns
+    return (
+        f"{trial:>5}  {sizes:<{sizes_width}}  {loss:<22} {reduction:<4} {dtype:<7} {batch:>3}  {error:>9}  "
+        f"{verdict:<8}  {activations}"
+    )
+
+
 def run_verify(args: argparse.Namespace) -> int:
-    if args.trials < 1:
-        raise SystemExit(f"purebp verify: --trials must be at least 1, got {args.trials}")
+    for flag, value in (("--trials", args.trials), ("--max-depth", args.max_depth),
+                        ("--max-width", args.max_width), ("--max-batch", args.max_batch)):  # fmt: skip
+        if value < 1:
+            raise SystemExit(f"purebp verify: {flag} must be at least 1, got {value}")
     dtypes = ("float32", "float64") if args.dtype == "both" else (args.dtype,)
     _enable_x64_if(dtypes)
     import jax
@@ -55,11 +87,10 @@ def run_verify(args: argparse.Namespace) -> int:
     from purebp.testing import make_case, random_spec
 
     rng = np.random.default_rng(args.seed)
-    header = (
-        f"{'#':>5}  {'sizes':<28} {'activations':<44} {'loss':<22} {'red':<4} {'dtype':<7} {'N':>3}  {'max rel':>9}"
-    )
+    sizes_width = _verify_sizes_width(args.max_depth, args.max_width)
+    header = ("#", "sizes", "loss", "red", "dtype", "N", "max rel", "verdict", "activations")
     if not args.quiet:
-        print(header)
+        print(_verify_row(header, sizes_width), flush=True)
     worst: dict[str, float] = {}
     failures = []
     for trial in range(args.trials):
@@ -68,27 +99,29 @@ def run_verify(args: argparse.Namespace) -> int:
             rng, dtype=dtype, max_depth=args.max_depth, max_width=args.max_width, max_batch=args.max_batch
         )
         case = make_case(spec)
-        report = check_gradients(case.net, case.x, case.y, loss=spec.loss, reduction=spec.reduction)
-        # every architecture is a new program: without this, thousands of executables exhaust
-        # the process's memory mappings (LLVM 'Cannot allocate memory', seen after some hundreds of trials)
-        jax.clear_caches()
-        worst[dtype] = max(worst.get(dtype, 0.0), report.max_relative_error)
-        line = (
-            f"{trial:>5}  {','.join(map(str, spec.sizes)):<28.28} {','.join(spec.activations):<44.44} "
-            f"{spec.loss:<22} {spec.reduction:<4} {dtype:<7} {spec.batch:>3}  {report.max_relative_error:>9.2e}"
+        report = check_gradients(
+            case.net, case.x, case.y, loss=spec.loss, reduction=spec.reduction, fast_compile=not args.full_compile
         )
+        if (trial + 1) % _VERIFY_CLEAR_EVERY == 0:
+            jax.clear_caches()
+        worst[dtype] = max(worst.get(dtype, 0.0), report.max_relative_error)
+        row = (
+            str(trial), ",".join(map(str, spec.sizes)), spec.loss, spec.reduction, dtype, str(spec.batch),
+            f"{report.max_relative_error:.2e}", "ok" if report.passed else "MISMATCH", ",".join(spec.activations),
+        )  # fmt: skip
         if not report.passed:
             failures.append((spec, report))
-            print(line + "  MISMATCH")
-        elif not args.quiet:
-            print(line)
+        if not report.passed or not args.quiet:
+            # flushed: `purebp verify | cat` shows each row as soon as its architecture is checked
+            print(_verify_row(row, sizes_width), flush=True)
     summary = ", ".join(f"worst relative error {dtype} {error:.2e}" for dtype, error in worst.items())
     print(
         f"purebp verify: {args.trials} architectures, {len(failures)} mismatches; {summary} "
-        f"(tolerance 1e-10 float64, 1e-5 float32)"
+        f"(tolerance 1e-10 float64, 1e-5 float32)",
+        flush=True,
     )
     for spec, report in failures:
-        print(f"\nreplay: purebp.testing.make_case({spec!r})\n{report}")
+        print(f"\nreplay: purebp.testing.make_case({spec!r})\n{report}", flush=True)
     return 1 if failures else 0
 
 

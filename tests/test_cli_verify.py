@@ -1,0 +1,158 @@
+"""`purebp verify`: rows stream as they are checked, cells are never cut, and the fast compile still catches errors."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import purebp as pb
+from purebp import activations, cli
+from purebp.testing import cases, random_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Every check but the first architecture's blocks until the parent closes stdin, so the run cannot
+# end, and flush its buffered output at exit, before the parent has seen the first row: that row
+# must have been written to the pipe while the run was still going.
+STREAMING_DRIVER = """
+import sys
+
+import jax
+import numpy as np
+
+jax.config.update("jax_enable_x64", True)  # as `purebp verify` does before it draws a float64 case
+
+import purebp.check
+from purebp import cli
+from purebp.testing import make_case, random_spec
+
+first = make_case(random_spec(np.random.default_rng(0), max_depth=2, max_width=4, max_batch=4)).x
+check_gradients = purebp.check.check_gradients
+
+
+def wait_unless_first(net, x, y, **kwargs):
+    if x.shape != first.shape or not np.array_equal(np.asarray(x), np.asarray(first)):
+        sys.stdin.readline()
+    return check_gradients(net, x, y, **kwargs)
+
+
+purebp.check.check_gradients = wait_unless_first
+sys.exit(cli.main(["verify", "--trials", "3", "--max-depth", "2", "--max-width", "4", "--max-batch", "4"]))
+"""
+
+
+def test_rows_reach_a_pipe_while_the_run_is_still_going():
+    # as a user's shell runs it: default JAX settings, and stdout block-buffered as Python makes a pipe
+    environment = {
+        name: value for name, value in os.environ.items() if not name.startswith("JAX_") and name != "PYTHONUNBUFFERED"
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-c", STREAMING_DRIVER],
+        cwd=ROOT,
+        env=environment,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in child.stdout], daemon=True).start()
+    seen = []
+    try:
+        while not any(line.lstrip().startswith("0 ") for line in seen):
+            try:
+                seen.append(lines.get(timeout=180))
+            except queue.Empty:
+                pytest.fail(f"no row for architecture 0 reached the pipe while the run was blocked; got {seen}")
+        assert seen[0].split()[:2] == ["#", "sizes"]
+        child.stdin.close()  # every waiting check goes on
+        assert child.wait(timeout=300) == 0, child.stderr.read()
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_no_cell_is_cut_however_long_the_sizes_and_activation_lists(capsys):
+    arguments = dict(max_depth=8, max_width=999, max_batch=4)
+    rng = np.random.default_rng(0)
+    specs = [random_spec(rng, **arguments) for _ in range(5)]  # the draws of `purebp verify --seed 0`
+    sizes = [",".join(map(str, spec.sizes)) for spec in specs]
+    names = [",".join(spec.activations) for spec in specs]
+    # the old fixed-width columns cut these at 28 and 44 characters without a mark
+    assert max(map(len, sizes)) > 28 and max(map(len, names)) > 44
+    code = cli.main(["verify", "--trials", "5", "--seed", "0", "--max-depth", "8", "--max-width", "999",
+                     "--max-batch", "4"])  # fmt: skip
+    assert code == 0
+    rows = capsys.readouterr().out.splitlines()[1:6]
+    for trial, (row, size, name) in enumerate(zip(rows, sizes, names)):
+        cells = row.split()
+        assert cells[0] == str(trial) and cells[1] == size, row
+        assert cells[-1] == name and cells[-2] == "ok", row
+
+
+def test_the_fast_compile_still_catches_a_slightly_wrong_derivative(capsys, monkeypatch):
+    """sigma' off by a relative 1e-7, far below what training would notice: every architecture whose
+    gradient uses sigma' (a hidden sigmoid layer, or a sigmoid output under mse) is flagged, no other."""
+    rng = np.random.default_rng(0)
+    specs = [random_spec(rng, max_depth=3) for _ in range(12)]
+    uses_derivative = [
+        "sigmoid" in spec.activations[:-1] or (spec.activations[-1] == "sigmoid" and spec.loss == "mse")
+        for spec in specs
+    ]
+    assert any(uses_derivative) and not all(uses_derivative)
+    broken = activations.Activation("sigmoid", activations._sigmoid, lambda z, a: a * (1.0 - a) * (1.0 + 1e-7))
+    jax.clear_caches()
+    monkeypatch.setitem(activations._REGISTRY, "sigmoid", broken)
+    try:
+        code = cli.main(["verify", "--trials", "12", "--seed", "0", "--max-depth", "3", "--quiet"])
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+    out = capsys.readouterr().out
+    assert code == 1
+    flagged = [int(line.split()[0]) for line in out.splitlines() if line.split()[-2:-1] == ["MISMATCH"]]
+    assert flagged == [trial for trial, uses in enumerate(uses_derivative) if uses], out
+    assert f"{len(flagged)} mismatches" in out
+    assert out.count("replay: purebp.testing.make_case(CaseSpec(") == len(flagged)
+
+
+@settings(max_examples=6)
+@given(cases(max_depth=4, max_width=12, max_batch=6))
+def test_fast_compile_agrees_with_the_default_compile(case):
+    fast = pb.check_gradients(case.net, case.x, case.y, loss=case.loss, reduction=case.reduction, fast_compile=True)
+    default = pb.check_gradients(case.net, case.x, case.y, loss=case.loss, reduction=case.reduction)
+    assert fast.passed and default.passed, f"{fast}\n{default}"
+    assert fast.tolerance == default.tolerance and len(fast.leaves) == len(default.leaves)
+    # the same functions, differently optimised kernels: equal to the checker's own tolerance
+    loss_gap = abs(fast.loss_handwritten - default.loss_handwritten)
+    assert loss_gap <= default.tolerance * max(abs(default.loss_handwritten), 1.0), (fast, default)
+
+
+def test_full_compile_runs_the_default_programs(capsys, monkeypatch):
+    seen = []
+    check_gradients = pb.check.check_gradients
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["fast_compile"])
+        return check_gradients(*args, **kwargs)
+
+    monkeypatch.setattr(pb.check, "check_gradients", spy)
+    assert cli.main(["verify", "--trials", "2", "--max-depth", "2", "--full-compile", "--quiet"]) == 0
+    assert cli.main(["verify", "--trials", "2", "--max-depth", "2", "--quiet"]) == 0
+    assert seen == [False, False, True, True]
+    assert "2 architectures, 0 mismatches" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--trials", "--max-depth", "--max-width", "--max-batch"])
+def test_verify_rejects_a_bound_below_one(flag):
+    with pytest.raises(SystemExit, match=f"{flag} must be at least 1, got 0"):
+        cli.main(["verify", flag, "0"])
