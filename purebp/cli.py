@@ -31,7 +31,7 @@ def add_verify_parser(subparsers: argparse._SubParsersAction) -> None:
         "layer, every valid output/cost pair, batch 1-64, both reductions) and compare the "
         "hand-written gradient with JAX autodiff on each; one row per architecture as soon as it "
         "is checked. Each architecture is a new program, compiled once and run once, so by default "
-        "its two gradients are compiled together at XLA's quick settings (LLVM -O0: the same ops, "
+        "its two gradients are compiled together, on CPU at XLA's quick settings (LLVM -O0: the same ops, "
         "less optimised kernels). Exit code 1 on any mismatch.",
     )
     parser.add_argument("--trials", type=int, default=200, help="number of random architectures (default 200)")
