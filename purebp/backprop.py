@@ -182,6 +182,8 @@ def coerce_inputs(net: Network, x: object, y: object = None) -> tuple[object, ob
     another dtype is a mistake in the caller's program and is refused by
     ``validate_inputs``. Integer labels are never cast.
     """
+    if not isinstance(x, (np.ndarray, np.generic)) and not isinstance(y, (np.ndarray, np.generic)):
+        return x, y  # the eager hot path: JAX arrays, nothing to look up
     dtype = _parameter_dtype(net)
     return _cast_host(x, dtype), _cast_host(y, dtype)
 

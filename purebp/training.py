@@ -877,7 +877,7 @@ def _diverged(state: EpochState, epoch: int, step: int, history: dict, config: d
         "the last parameters with a finite loss are in DivergenceError.net"
     )
     if path is not None and jax.process_index() == 0:
-        # a separate file: the regular checkpoint stays a clean epoch boundary to resume from
+        # a separate file: the regular checkpoint keeps the last finite state a run can resume from
         from purebp import checkpoint as _checkpoint
 
         diverged_path = f"{path}.diverged"
