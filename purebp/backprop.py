@@ -1,19 +1,19 @@
-"""The forward pass with its cache and the hand-written backward pass.
+"""The engine: forward through the layers, backward in reverse, and the cost in between.
 
-Notation of the notes, batch-first: x is (N, n_0), a^0 = x, and for l = 1..L
+Every rule lives in its layer (``purebp.layers``): the engine only runs
+``layer.forward`` in order, keeping each layer's cache, forms the output
+delta with the cost, and runs ``layer.backward`` in reverse. For a chain of
+dense layers (an ``init_mlp`` network, batch-first, x is (N, n_0), a^0 = x)
+that is exactly the notes' algorithm:
 
-    z^l = a^{l-1} W^l^T + b^l          (the notes' z = W a + b, one row per example)
-    a^l = G_l(z^l)
-
-The forward pass keeps z^l and a^l (the notes' "forward pass: dz/dw = a").
-The backward pass then runs the notes' four equations, no autodiff anywhere:
-
+    z^l = a^{l-1} W^l^T + b^l,  a^l = G_l(z^l)         forward, caching a^{l-1}, z^l, a^l
     (BP1) delta^L = dC/da (.) G'(z^L)                  (fused with the cost: losses.py)
     (BP2) delta^l = ((W^{l+1})^T delta^{l+1}) (.) G'(z^l)
     (BP3) dC/db^l = sum_n delta^l_n
     (BP4) dC/dW^l = delta^l (a^{l-1})^T               (batch-first: delta^T @ a_prev)
 
 summed over the batch because L = sum_n C^n (divided by N for ``reduction="mean"``).
+The first layer's input gradient is never used, so under jit it is never formed.
 """
 
 from __future__ import annotations
@@ -27,7 +27,18 @@ import numpy as np
 
 from purebp import activations as _activations
 from purebp import losses as _losses
-from purebp.network import Layer, Network, validate_network
+from purebp import programs as _programs
+from purebp.layers import Dense, example_keys, layer_keys
+from purebp.network import (
+    AnyNetwork,
+    Layer,
+    Network,
+    Sequential,
+    like,
+    stack,
+    validate_network,
+    validate_sequential,
+)
 
 Array = jax.Array
 
@@ -36,129 +47,233 @@ Array = jax.Array
 class BackpropTrace:
     """Everything one forward + backward pass computes, as a pytree.
 
-    For a network with L layers and a batch of N examples (layer l = 0..L-1 here
-    is the notes' layer l + 1):
+    Per top-level layer l = 0..L-1 (the notes' layer l + 1), for a batch of N:
 
-    - ``pre_activations[l]``: z, shape (N, n_{l+1})
-    - ``activations[l]``: a = G(z), shape (N, n_{l+1}); a^0 = x is not repeated
-    - ``deltas[l]``: delta = dC^n/dz per example, shape (N, n_{l+1}), already
-      scaled by 1/N when ``reduction="mean"``
-    - ``loss``: the scalar L; ``grads``: dL/dtheta as a ``Network``
+    - ``inputs[l]``: what the layer received (``inputs[0]`` is x)
+    - ``activations[l]``: its output (a^l = G(z^l) for a dense layer)
+    - ``pre_activations[l]``: z^l for a dense layer, the output for any other layer
+    - ``deltas[l]``: delta^l = dC/dz^l for a dense layer, dC/d(output) for any
+      other layer; already scaled by 1/N when ``reduction="mean"``
+    - ``loss``: the scalar L; ``grads``: dL/dtheta, the same tree as the network
     """
 
     pre_activations: tuple[Array, ...]
     activations: tuple[Array, ...]
     deltas: tuple[Array, ...]
     loss: Array
-    grads: Network
+    grads: AnyNetwork
+    inputs: tuple[Array, ...] = ()
 
 
 jax.tree_util.register_dataclass(
     BackpropTrace,
-    data_fields=["pre_activations", "activations", "deltas", "loss", "grads"],
+    data_fields=["pre_activations", "activations", "deltas", "loss", "grads", "inputs"],
     meta_fields=[],
 )
 
 
-# ---------------------------------------------------------------- the passes
+# ---------------------------------------------------------------- the engine
 
 
-def forward_pass(net: Network, x: Array) -> tuple[tuple[Array, Array], ...]:
-    """Return ((z^1, a^1), ..., (z^L, a^L)): what the backward pass needs from the forward pass."""
-    cache = []
-    activation = x
-    for layer, name in zip(net.layers, net.activations):
-        pre_activation = activation @ layer.w.T + layer.b[None, :]  # z^l = W^l a^{l-1} + b^l
-        activation = _activations.get(name).forward(pre_activation)  # a^l = G(z^l)
-        cache.append((pre_activation, activation))
-    return tuple(cache)
+def forward_layers(
+    net: AnyNetwork, x: Array, key: Array | None = None, *, example_offset: int | Array = 0
+) -> tuple[tuple[Array, ...], tuple]:
+    """Run ``layer.forward`` in order; return (every layer's output, one cache per layer).
+
+    ``key`` (a PRNG key, or None for inference) becomes one key per example,
+    ``fold_in(key, example_offset + n)``, then one per layer,
+    ``fold_in(., l)``: a shard of a batch that starts at example
+    ``example_offset`` draws what the whole batch draws for those examples.
+    """
+    keys = None if key is None else example_keys(key, x.shape[0], example_offset)
+    outputs, caches, activation = [], [], x
+    for index, layer in enumerate(stack(net)):
+        activation, cache = layer.forward(activation, layer_keys(keys, index))
+        outputs.append(activation)
+        caches.append(cache)
+    return tuple(outputs), tuple(caches)
 
 
-def backward_pass(
-    net: Network, x: Array, cache: tuple[tuple[Array, Array], ...], output_delta: Array
-) -> tuple[Network, tuple[Array, ...]]:
-    """Run (BP2)-(BP4) from delta^L = ``output_delta``; return (grads, deltas per layer)."""
-    num_layers = len(net.layers)
-    grads: list[Layer] = [None] * num_layers
-    deltas: list[Array] = [None] * num_layers
-    delta = output_delta  # (BP1) delta^L, formed with the cost (losses.output_delta)
-    for l in reversed(range(num_layers)):
-        deltas[l] = delta
-        activation_prev = x if l == 0 else cache[l - 1][1]
-        grad_w = delta.T @ activation_prev  # (BP4) dC/dW^l = delta^l (a^{l-1})^T
-        grad_b = jnp.sum(delta, axis=0)  # (BP3) dC/db^l = sum_n delta^l_n
-        grads[l] = Layer(w=grad_w, b=grad_b)
-        if l > 0:  # a^0 = x needs no delta: the first layer stops here, no input gradient is formed
-            pre_activation_prev, activation_prev = cache[l - 1]
-            upstream = delta @ net.layers[l].w  # (BP2) (W^{l+1})^T delta^{l+1}
-            # (BP2) delta^l = ((W^{l+1})^T delta^{l+1}) (.) G'(z^l), G' from the stored z^l and a^l
-            delta = _activations.get(net.activations[l - 1]).chain(upstream, pre_activation_prev, activation_prev)
-    return Network(layers=tuple(grads), activations=net.activations), tuple(deltas)
+def forward_pass(
+    net: AnyNetwork, x: Array, key: Array | None = None, *, example_offset: int | Array = 0
+) -> tuple[Array, tuple]:
+    """Return (the network's output, one cache per layer): ``forward_layers`` without the hidden outputs."""
+    outputs, caches = forward_layers(net, x, key, example_offset=example_offset)
+    return outputs[-1], caches
 
 
-def _trace(net: Network, x: Array, y: Array, loss: str, reduction: str) -> BackpropTrace:
-    cache = forward_pass(net, x)
-    pre_activation, activation = cache[-1]
-    target = _losses.dense_targets(y, net.layers[-1].w.shape[0], activation.dtype)
-    cost = _losses.per_example_cost(pre_activation, activation, target, loss)
-    scale = 1.0 / x.shape[0] if reduction == "mean" else 1.0  # L = (1/N) sum_n C^n or sum_n C^n
-    output = _activations.get(net.activations[-1])
+def output_layer_activation(net: AnyNetwork) -> str | None:
+    """G of the output layer when it is dense (its delta^L is fused with the cost), else None."""
+    last = stack(net)[-1]
+    return last.activation if isinstance(last, Dense) else None
+
+
+def _output_parts(net: AnyNetwork, output: Array, caches: tuple) -> tuple[Array, _activations.Activation]:
+    # the cost sees (z^L, G) of a dense output layer; any other output layer as an identity output
+    name = output_layer_activation(net)
+    if name is None:
+        return output, _activations.get("identity")
+    return caches[-1].pre_activation, _activations.get(name)
+
+
+def output_cost(net: AnyNetwork, output: Array, caches: tuple, y: Array, *, loss: str) -> Array:
+    """Return the per-example costs C^n, shape (N,), of the network's output (``forward_pass``'s result)."""
+    pre_activation, _ = _output_parts(net, output, caches)
+    target = _losses.dense_targets(y, output.shape[-1], output.dtype)
+    return _losses.per_example_cost(pre_activation, output, target, loss)
+
+
+def loss_and_output_delta(
+    net: AnyNetwork, output: Array, caches: tuple, y: Array, *, loss: str, reduction: str
+) -> tuple[Array, Array]:
+    """Return (L, the gradient the backward pass starts from).
+
+    For a dense output layer that is (BP1) delta^L = dC/dz^L, fused with the
+    cost where they cancel; for any other output layer, dC/d(output) (the
+    cost sees the output as logits or values, an identity output).
+    """
+    scale = 1.0 / output.shape[0] if reduction == "mean" else 1.0  # L = (1/N) sum_n C^n or sum_n C^n
+    target = _losses.dense_targets(y, output.shape[-1], output.dtype)
+    pre_activation, output_activation = _output_parts(net, output, caches)
+    cost = _losses.per_example_cost(pre_activation, output, target, loss)
     # (BP1) delta^L = dC/da (.) G'(z^L), times dL/dC^n
-    delta = scale * _losses.output_delta(pre_activation, activation, target, loss, output)
-    grads, deltas = backward_pass(net, x, cache, delta)
+    delta = scale * _losses.output_delta(pre_activation, output, target, loss, output_activation)
+    return scale * jnp.sum(cost), delta
+
+
+def backward_pass(net: AnyNetwork, caches: tuple, output_delta: Array) -> tuple[AnyNetwork, tuple[Array, ...]]:
+    """Run ``layer.backward`` in reverse from ``output_delta``; return (grads like ``net``, what each layer got).
+
+    ``output_delta`` is what ``loss_and_output_delta`` returns: delta^L for a
+    dense output layer (which then runs as its linear part, G' already
+    applied), dC/d(output) otherwise.
+    """
+    layers = list(stack(net))
+    if isinstance(layers[-1], Dense):
+        layers[-1] = layers[-1].linear()
+    grads, grad_outputs = [None] * len(layers), [None] * len(layers)
+    grad = output_delta
+    for index in reversed(range(len(layers))):
+        grad_outputs[index] = grad
+        grad, grads[index] = layers[index].backward(caches[index], grad)  # the first layer's grad is dead code
+    return like(net, grads), tuple(grad_outputs)
+
+
+def backward_layers(net: AnyNetwork) -> tuple:
+    """The layers as ``backward_pass`` runs them (the dense output layer as its linear part)."""
+    layers = list(stack(net))
+    if isinstance(layers[-1], Dense):
+        layers[-1] = layers[-1].linear()
+    return tuple(layers)
+
+
+def loss_and_grads(
+    net: AnyNetwork,
+    x: Array,
+    y: Array,
+    *,
+    loss: str,
+    reduction: str = "mean",
+    key: Array | None = None,
+    example_offset: int | Array = 0,
+) -> tuple[Array, AnyNetwork]:
+    """(L, dL/dtheta) by the engine, unjitted and unchecked: for use inside a caller's own jit/scan/shard_map."""
+    output, caches = forward_pass(net, x, key, example_offset=example_offset)
+    value, delta = loss_and_output_delta(net, output, caches, y, loss=loss, reduction=reduction)
+    grads, _ = backward_pass(net, caches, delta)
+    return value, grads
+
+
+def _trace(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None) -> BackpropTrace:
+    outputs, caches = forward_layers(net, x, key)
+    value, delta = loss_and_output_delta(net, outputs[-1], caches, y, loss=loss, reduction=reduction)
+    grads, grad_outputs = backward_pass(net, caches, delta)
+    layers = backward_layers(net)
+    is_dense = [isinstance(layer, Dense) for layer in layers]
     return BackpropTrace(
-        pre_activations=tuple(z for z, _ in cache),
-        activations=tuple(a for _, a in cache),
-        deltas=deltas,
-        loss=scale * jnp.sum(cost),
+        pre_activations=tuple(c.pre_activation if d else o for c, d, o in zip(caches, is_dense, outputs)),
+        activations=outputs,
+        deltas=tuple(
+            layer.delta(c, g) if d else g for layer, c, g, d in zip(layers, caches, grad_outputs, is_dense)
+        ),
+        loss=value,
         grads=grads,
+        inputs=(x,) + outputs[:-1],
     )
 
 
+def trace(
+    net: AnyNetwork, x: Array, y: Array, *, loss: str, reduction: str = "mean", key: Array | None = None
+) -> BackpropTrace:
+    """``backprop_trace`` unjitted and unchecked, for use inside a caller's own jit."""
+    return _trace(net, x, y, loss, reduction, key)
+
+
 @functools.partial(jax.jit, static_argnames=("loss", "reduction"))
-def _value_and_grad_jit(net: Network, x: Array, y: Array, loss: str, reduction: str):
-    trace = _trace(net, x, y, loss, reduction)
-    return trace.loss, trace.grads
+def _value_and_grad_jit(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None):
+    return loss_and_grads(net, x, y, loss=loss, reduction=reduction, key=key)
+
+
+def compiled_value_and_grad(
+    net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None
+) -> tuple[Array, AnyNetwork]:
+    """The jitted (L, grads) program, unchecked: what training steps and gradient checks call."""
+    return _value_and_grad_jit(net, x, y, loss, reduction, key)
 
 
 _backprop_trace_jit = jax.jit(_trace, static_argnames=("loss", "reduction"))
 
 
 @jax.jit
-def _forward_jit(net: Network, x: Array) -> Array:
-    return forward_pass(net, x)[-1][1]
+def _forward_jit(net: AnyNetwork, x: Array, key: Array | None = None) -> Array:
+    return forward_pass(net, x, key)[0]
+
+
+_programs.on_clear(lambda: _CALLED.clear())
 
 
 # ---------------------------------------------------------------- public API
 
 
-def forward(net: Network, x: Array) -> Array:
-    """Return the network's output a^L for a batch x of shape (N, n_in): shape (N, n_out)."""
+def forward(net: AnyNetwork, x: Array, *, key: Array | None = None) -> Array:
+    """Return the network's output for a batch x (batch first): (N, n_out) for an MLP.
+
+    No ``key``: inference (dropout off). With a key, training mode: the same
+    dropout masks that ``value_and_grad(..., key=key)`` uses.
+    """
     x, _ = coerce_inputs(net, x)
     validate_inputs(net, x)
-    return _forward_jit(net, x)
+    _check_key(key)
+    return _forward_jit(net, x, key)
 
 
-def value_and_grad(net: Network, x: Array, y: Array, *, loss: str, reduction: str = "mean") -> tuple[Array, Network]:
+def value_and_grad(
+    net: AnyNetwork, x: Array, y: Array, *, loss: str, reduction: str = "mean", key: Array | None = None
+) -> tuple[Array, AnyNetwork]:
     """Return (L, dL/dtheta) computed by the hand-written backward pass.
 
-    ``grads`` is a ``Network`` with the same tree structure as ``net``, so it
-    lines up leaf for leaf with ``net``, optax updates and ``jax.grad``.
-    x is (N, n_in); y is integer labels (N,) or one-hot (N, C) for the
-    classification losses and (N, n_out) targets otherwise. One compile per
-    architecture, shape, dtype, loss and reduction.
+    ``grads`` has the same tree structure as ``net``, so it lines up leaf for
+    leaf with ``net``, optax updates and ``jax.grad``. x is (N,) + the input
+    shape; y is integer labels (N,) or one-hot (N, C) for the classification
+    losses and (N, n_out) targets otherwise. ``key`` draws the dropout masks
+    (none: inference, dropout off). One compile per architecture, shape,
+    dtype, loss and reduction.
     """
-    return _checked_call(_value_and_grad_jit, net, x, y, loss, reduction)
+    return _checked_call(_value_and_grad_jit, net, x, y, loss, reduction, key)
 
 
-def grad(net: Network, x: Array, y: Array, *, loss: str, reduction: str = "mean") -> Network:
+def grad(
+    net: AnyNetwork, x: Array, y: Array, *, loss: str, reduction: str = "mean", key: Array | None = None
+) -> AnyNetwork:
     """Return dL/dtheta only (see ``value_and_grad``)."""
-    return value_and_grad(net, x, y, loss=loss, reduction=reduction)[1]
+    return value_and_grad(net, x, y, loss=loss, reduction=reduction, key=key)[1]
 
 
-def backprop_trace(net: Network, x: Array, y: Array, *, loss: str, reduction: str = "mean") -> BackpropTrace:
-    """Return a ``BackpropTrace``: z^l, a^l, delta^l for every layer, the loss and grads, from one pass."""
-    return _checked_call(_backprop_trace_jit, net, x, y, loss, reduction)
+def backprop_trace(
+    net: AnyNetwork, x: Array, y: Array, *, loss: str, reduction: str = "mean", key: Array | None = None
+) -> BackpropTrace:
+    """Return a ``BackpropTrace``: per layer its input, output, z and delta, the loss and grads, from one pass."""
+    return _checked_call(_backprop_trace_jit, net, x, y, loss, reduction, key)
 
 
 # ---------------------------------------------------------------- input checks
@@ -174,7 +289,7 @@ def _signature(array: object) -> tuple:
     return tuple(shape), jax.dtypes.canonicalize_dtype(dtype)
 
 
-def coerce_inputs(net: Network, x: object, y: object = None) -> tuple[object, object]:
+def coerce_inputs(net: AnyNetwork, x: object, y: object = None) -> tuple[object, object]:
     """Cast floating NumPy inputs to the network's dtype (``jnp.asarray(x, dtype)``); JAX arrays pass unchanged.
 
     JAX's convention: host data (NumPy arrays, which default to float64) is
@@ -188,8 +303,8 @@ def coerce_inputs(net: Network, x: object, y: object = None) -> tuple[object, ob
     return _cast_host(x, dtype), _cast_host(y, dtype)
 
 
-def _parameter_dtype(net: Network) -> np.dtype | None:
-    leaves = jax.tree.leaves(net) if isinstance(net, Network) else []
+def _parameter_dtype(net: AnyNetwork) -> np.dtype | None:
+    leaves = jax.tree.leaves(net) if isinstance(net, (Network, Sequential)) else []
     return getattr(leaves[0], "dtype", None) if leaves else None
 
 
@@ -227,7 +342,7 @@ def check_finite(context: str, **arrays: Array | None) -> None:
 
 
 def validate_inputs(
-    net: Network, x: Array, y: Array | None = None, *, loss: str | None = None, reduction: str = "mean"
+    net: AnyNetwork, x: Array, y: Array | None = None, *, loss: str | None = None, reduction: str = "mean"
 ) -> None:
     """Raise ValueError/TypeError, before anything compiles, if (net, x, y, loss) do not fit together.
 
@@ -237,87 +352,137 @@ def validate_inputs(
     an out-of-range integer label makes the loss NaN instead (see
     ``losses.dense_targets``).
     """
-    _check_static(net, x, y, loss, reduction)
-    _check_values(net, y, loss)
+    _, n_out = _check_static(net, x, y, loss, reduction)
+    _check_values(n_out, y, loss)
 
 
-def _check_static(net: Network, x: Array, y: Array | None, loss: str | None, reduction: str) -> tuple:
-    """Check shapes, dtypes and names (cached per signature); return the signature."""
-    if not isinstance(net, Network):
-        raise TypeError(f"expected a purebp.Network as the first argument, got {type(net).__name__}")
+def _check_static(net: AnyNetwork, x: Array, y: Array | None, loss: str | None, reduction: str) -> tuple:
+    """Check shapes, dtypes and names (cached per signature); return (signature, number of outputs)."""
+    if not isinstance(net, (Network, Sequential)):
+        raise TypeError(
+            f"expected a purebp.Network or purebp.Sequential as the first argument, got {type(net).__name__}"
+        )
     try:
         param_signature = tuple([_signature(leaf) for leaf in jax.tree.leaves(net)])
     except TypeError as error:
         raise TypeError(f"the network's parameters must be arrays: {error}") from None
     x_signature = _signature(x)
     y_signature = None if y is None else _signature(y)
-    signature = (net.activations, param_signature, x_signature, y_signature, loss, reduction)
-    _validate_structure(*signature)
-    return signature
+    structure = net.activations if isinstance(net, Network) else jax.tree.structure(net)
+    signature = (structure, param_signature, x_signature, y_signature, loss, reduction)
+    n_out = _validate_structure(*signature)
+    return signature, n_out
 
 
-def _check_values(net: Network, y: Array | None, loss: str | None) -> None:
+def _check_values(n_out: int, y: Array | None, loss: str | None) -> None:
     if y is not None and not isinstance(y, jax.core.Tracer):
-        _validate_target_values(np.asarray(y), loss, net.layers[-1].w.shape[0])
+        _validate_target_values(np.asarray(y), loss, n_out)
+
+
+def _check_key(key: object) -> None:
+    if key is None:
+        return
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and key.shape == ():
+        return
+    if dtype == np.uint32 and getattr(key, "shape", None) == (2,):  # a raw jax.random.PRNGKey
+        return
+    raise TypeError(
+        f"key must be one PRNG key (jax.random.key(seed)), got {type(key).__name__} with shape "
+        f"{getattr(key, 'shape', None)} and dtype {dtype}"
+    )
 
 
 # (jitted function, signature) pairs already called once, so already compiled
 _CALLED: set[tuple] = set()
 
 
-def _checked_call(jitted, net: Network, x: Array, y: Array, loss: str, reduction: str):
-    """Return ``jitted(net, x, y, loss, reduction)`` with every check of ``validate_inputs`` done.
+def _checked_call(jitted, net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None):
+    """Return ``jitted(net, x, y, loss, reduction, key)`` with every check of ``validate_inputs`` done.
 
     The static checks come first, always. On the first call for a signature
     the label values are checked too before anything is dispatched, so bad
-    input does not cost a compile (after ``jax.clear_caches()`` a signature
+    input does not cost a compile (after ``purebp.clear_caches()`` a signature
     seen before may compile again before its labels are checked). On later
     calls the computation is dispatched first and the labels are checked
     while it runs: a bad label still raises and no result is returned, but
-    the host work hides behind the computation (measured: an eager call on
-    tiny 28 us cheaper than checking first, 1.01-1.03x a jitted jax.grad call).
+    the host work hides behind the computation.
     """
     x, y = coerce_inputs(net, x, y)
-    key = (jitted, _check_static(net, x, y, loss, reduction))
-    if key not in _CALLED:
-        _check_values(net, y, loss)
-        result = jitted(net, x, y, loss, reduction)
+    signature, n_out = _check_static(net, x, y, loss, reduction)
+    _check_key(key)
+    called = (jitted, signature, key is None)
+    if called not in _CALLED:
+        _check_values(n_out, y, loss)
+        result = jitted(net, x, y, loss, reduction, key)
         if len(_CALLED) > 4096:  # bounded: a long sweep over shapes does not grow it forever
             _CALLED.clear()
-        _CALLED.add(key)
+        _CALLED.add(called)
         return result
-    result = jitted(net, x, y, loss, reduction)
-    _check_values(net, y, loss)
+    result = jitted(net, x, y, loss, reduction, key)
+    _check_values(n_out, y, loss)
     return result
 
 
 @functools.lru_cache(maxsize=1024)
-def _validate_structure(activations, param_signature, x_signature, y_signature, loss, reduction) -> None:
-    # cached: the same shapes are checked once, so eager calls stay cheap
-    layers = [
-        Layer(w=jax.ShapeDtypeStruct(*param_signature[2 * l]), b=jax.ShapeDtypeStruct(*param_signature[2 * l + 1]))
-        for l in range(len(param_signature) // 2)
-    ]
-    net = Network(layers=tuple(layers), activations=activations)
-    validate_network(net)
-    n_in, n_out, dtype = net.sizes[0], net.sizes[-1], net.dtype
+def _validate_structure(structure, param_signature, x_signature, y_signature, loss, reduction) -> int:
+    # cached: the same shapes are checked once, so eager calls stay cheap; returns the number of outputs
+    if isinstance(structure, tuple):  # a Network: its activation names
+        layers = [
+            Layer(
+                w=jax.ShapeDtypeStruct(*param_signature[2 * l]), b=jax.ShapeDtypeStruct(*param_signature[2 * l + 1])
+            )
+            for l in range(len(param_signature) // 2)
+        ]
+        net = Network(layers=tuple(layers), activations=structure)
+        validate_network(net)
+        input_shape, output_shape, dtype = (net.sizes[0],), (net.sizes[-1],), net.dtype
+        output_activation, ends_in = structure[-1], None
+    else:
+        net = jax.tree.unflatten(structure, [jax.ShapeDtypeStruct(*leaf) for leaf in param_signature])
+        output_shape = validate_sequential(net)
+        input_shape, dtype = net.input_shape, net.dtype
+        last = net.layers[-1]
+        output_activation = last.activation if isinstance(last, Dense) else "identity"
+        ends_in = None if isinstance(last, Dense) else last
     x_shape, x_dtype = x_signature
-    if len(x_shape) != 2:
+    if len(x_shape) != 1 + len(input_shape):
+        expected = "(N, " + ", ".join(map(str, input_shape)) + ")"
         raise ValueError(
-            f"x must have shape (N, {n_in}) (batch first), got shape {x_shape}"
-            + ("; for one example use x[None, :]" if len(x_shape) == 1 else "")
+            f"x must have shape {expected} (batch first), got shape {x_shape}"
+            + ("; for one example use x[None, :]" if len(x_shape) == len(input_shape) else "")
         )
-    if x_shape[1] != n_in:
-        raise ValueError(f"x has {x_shape[1]} features per example but the network expects {n_in}")
+    if tuple(x_shape[1:]) != tuple(input_shape):
+        if len(input_shape) == 1:
+            raise ValueError(f"x has {x_shape[1]} features per example but the network expects {input_shape[0]}")
+        raise ValueError(f"x has per-example shape {tuple(x_shape[1:])} but the network expects {input_shape}")
     if x_shape[0] == 0:
         raise ValueError("x is an empty batch (N = 0)")
+    if dtype is None:
+        if not jnp.issubdtype(x_dtype, jnp.floating):
+            raise TypeError(f"x must be a floating array, got dtype {x_dtype}")
+        dtype = x_dtype
     if x_dtype != dtype:
         raise TypeError(f"x has dtype {x_dtype} but the network's parameters are {dtype}; cast x to {dtype}")
+    n_out = output_shape[-1] if output_shape else 0
     if y_signature is None:
-        return
+        return n_out
     if loss is None:
         raise ValueError(f"a loss name is needed with targets; valid losses: {', '.join(_losses.LOSSES)}")
-    _losses.validate_loss(loss, activations[-1], reduction)
+    if len(output_shape) != 1:
+        raise ValueError(
+            f"a cost takes outputs of shape (N, n_out), but the network's outputs have per-example shape "
+            f"{tuple(output_shape)}: end it with a flatten and a dense layer"
+        )
+    try:
+        _losses.validate_loss(loss, output_activation, reduction)
+    except ValueError as error:
+        if ends_in is None:
+            raise
+        raise ValueError(
+            f"{error} (the network ends in {ends_in!r}, not a dense layer, so the cost sees its output as an "
+            "identity output: logits or values)"
+        ) from None
     y_shape, y_dtype = y_signature
     if len(y_shape) == 0 or y_shape[0] != x_shape[0]:
         raise ValueError(f"x has a batch of {x_shape[0]} examples but y has shape {y_shape}")
@@ -328,7 +493,7 @@ def _validate_structure(activations, param_signature, x_signature, y_signature, 
                     f"loss {loss!r} takes integer class labels of shape (N,) or one-hot targets of shape "
                     f"(N, {n_out}); got {y_dtype} labels of shape {y_shape}"
                 )
-            return
+            return n_out
         expected = f"integer labels of shape (N,) or one-hot targets of shape (N, {n_out})"
     else:
         expected = f"targets of shape (N, {n_out})"
@@ -336,6 +501,10 @@ def _validate_structure(activations, param_signature, x_signature, y_signature, 
         raise ValueError(f"loss {loss!r} on a network with {n_out} outputs takes {expected}; got y of shape {y_shape}")
     if y_dtype != dtype:
         raise TypeError(f"loss {loss!r} takes {dtype} targets (the parameters' dtype); got y of dtype {y_dtype}")
+    return n_out
+
+
+_programs.on_clear(_validate_structure.cache_clear)
 
 
 def _validate_target_values(y: np.ndarray, loss: str, n_out: int) -> None:

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from purebp import backprop as _backprop
+from purebp import layers as _layers
 from purebp import losses as _losses
-from purebp.network import Network
+from purebp.network import AnyNetwork, Network
 
 Array = jax.Array
 
@@ -47,32 +48,41 @@ FLOOR = {
 LOW_PRECISION = frozenset({np.dtype(jnp.bfloat16), np.dtype(jnp.float16)})
 
 
-def loss_function(net: Network, x: Array, y: Array, loss: str, reduction: str = "mean") -> Array:
+def loss_function(
+    net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str = "mean", key: Array | None = None
+) -> Array:
     """Return L(theta) from purebp's own forward pass and cost: what jax.grad differentiates."""
-    pre_activation, activation = _backprop.forward_pass(net, x)[-1]
-    target = _losses.dense_targets(y, net.layers[-1].w.shape[0], activation.dtype)
-    cost = _losses.per_example_cost(pre_activation, activation, target, loss)
+    output, caches = _backprop.forward_pass(net, x, key)
+    cost = _backprop.output_cost(net, output, caches, y, loss=loss)
     return jnp.mean(cost) if reduction == "mean" else jnp.sum(cost)
 
 
 _autodiff_value_and_grad_jit = jax.jit(jax.value_and_grad(loss_function), static_argnames=("loss", "reduction"))
 
 
+def compiled_autodiff_value_and_grad(
+    net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None
+) -> tuple[Array, AnyNetwork]:
+    """The jitted (L, jax.grad L) program, unchecked: the autodiff twin of ``backprop.compiled_value_and_grad``."""
+    return _autodiff_value_and_grad_jit(net, x, y, loss, reduction, key)
+
+
 def autodiff_value_and_grad(
-    net: Network, x: Array, y: Array, *, loss: str, reduction: str = "mean"
-) -> tuple[Array, Network]:
+    net: AnyNetwork, x: Array, y: Array, *, loss: str, reduction: str = "mean", key: Array | None = None
+) -> tuple[Array, AnyNetwork]:
     """Return (L, jax.grad L) of the same forward pass and cost as ``purebp.value_and_grad``.
 
     Same signature and checks as ``purebp.value_and_grad``, so the two can be swapped.
     """
+    x, y = _backprop.coerce_inputs(net, x, y)
     _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
-    return _autodiff_value_and_grad_jit(net, x, y, loss, reduction)
+    return _autodiff_value_and_grad_jit(net, x, y, loss, reduction, key)
 
 
-def _both_value_and_grad(net: Network, x: Array, y: Array, loss: str, reduction: str):
+def _both_value_and_grad(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None):
     # the same two jitted functions as check_gradients' default path, nested in one program
-    hand = _backprop._value_and_grad_jit(net, x, y, loss, reduction)
-    return hand, _autodiff_value_and_grad_jit(net, x, y, loss, reduction)
+    hand = _backprop._value_and_grad_jit(net, x, y, loss, reduction, key)
+    return hand, _autodiff_value_and_grad_jit(net, x, y, loss, reduction, key)
 
 
 # XLA options for a program compiled to run once (check_gradients(fast_compile=True)), where compile
@@ -97,22 +107,22 @@ def _fast_compile_jit(platform: str):
     )
 
 
-def _fast_compile_call(net: Network, x: Array, y: Array, loss: str, reduction: str):
+def _fast_compile_call(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None):
     jitted = _fast_compile_jit(jax.default_backend())
     # traced with jit disabled, the inner jitted functions (the two above, jnp's) inline into one
     # flat jaxpr with the same equations: less tracing, and XLA would inline them anyway. Compiled
     # ahead of time, the executable is in no cache: it is freed when this returns.
     with jax.disable_jit():
-        lowered = jitted.trace(net, x, y, loss, reduction).lower()
-    return lowered.compile()(net, x, y)
+        lowered = jitted.trace(net, x, y, loss, reduction, key).lower()
+    return lowered.compile()(net, x, y, key=key)
 
 
 @dataclasses.dataclass(frozen=True)
 class LeafComparison:
     """One parameter leaf: hand-written h vs autodiff g."""
 
-    layer: int
-    parameter: str  # "w" or "b"
+    layer: int  # the top-level layer the leaf belongs to
+    parameter: str  # "w" or "b" for a dense layer; the field path inside any other layer, e.g. "layers[0].w"
     shape: tuple[int, ...]
     max_abs_error: float  # max_i |h_i - g_i|
     relative_error: float  # ||h - g||_2 / max(||g||_2, FLOOR * ||g_all||_2)
@@ -138,6 +148,7 @@ class GradientReport:
     loss_relative_error: float
     leaves: tuple[LeafComparison, ...]
     reference_dtype: str | None = None  # set when the leaves carry *_vs_reference errors
+    architecture: str = ""  # the layers of a Sequential (sizes and activations are empty then)
 
     @property
     def passed(self) -> bool:
@@ -156,9 +167,9 @@ class GradientReport:
 
     def __str__(self) -> str:
         ref = self.reference_dtype
+        network = self.architecture or f"sizes={self.sizes} activations={self.activations}"
         lines = [
-            f"check_gradients: sizes={self.sizes} activations={self.activations} "
-            f"loss={self.loss_name} reduction={self.reduction} dtype={self.dtype}",
+            f"check_gradients: {network} loss={self.loss_name} reduction={self.reduction} dtype={self.dtype}",
             f"  loss: handwritten={self.loss_handwritten:.17g} autodiff={self.loss_autodiff:.17g} "
             f"rel={self.loss_relative_error:.2e}",
             f"  {'layer':>5} {'param':>5} {'shape':>12} {'max abs':>10} {'rel':>10}  ok"
@@ -178,12 +189,24 @@ class GradientReport:
         return "\n".join(lines)
 
 
+def leaf_names(tree: object) -> list[tuple[int, str]]:
+    """(top-level layer, parameter path) for every leaf of a network or gradient tree, in leaf order."""
+    names = []
+    for path, _ in jax.tree_util.tree_leaves_with_path(tree):
+        if len(path) >= 2 and getattr(path[0], "name", None) == "layers" and hasattr(path[1], "idx"):
+            names.append((path[1].idx, jax.tree_util.keystr(path[2:]).lstrip(".")))
+        else:
+            names.append((0, jax.tree_util.keystr(path).lstrip(".")))
+    return names
+
+
 def compare_gradients(
-    handwritten: Network, autodiff: Network, *, tolerance: float, floor: float
+    handwritten: AnyNetwork, autodiff: AnyNetwork, *, tolerance: float, floor: float
 ) -> tuple[LeafComparison, ...]:
-    """Compare two gradient Networks leaf by leaf; see ``LeafComparison`` for the error measure."""
+    """Compare two gradient trees leaf by leaf; see ``LeafComparison`` for the error measure."""
     h_leaves = [np.asarray(leaf, dtype=np.float64) for leaf in jax.tree.leaves(handwritten)]
     g_leaves = [np.asarray(leaf, dtype=np.float64) for leaf in jax.tree.leaves(autodiff)]
+    names = leaf_names(autodiff)
     total = math.sqrt(sum(float(np.sum(g * g)) for g in g_leaves))
     comparisons = []
     for index, (h, g) in enumerate(zip(h_leaves, g_leaves)):
@@ -194,8 +217,8 @@ def compare_gradients(
             relative = 0.0 if np.array_equal(h, g, equal_nan=True) else math.inf
         comparisons.append(
             LeafComparison(
-                layer=index // 2,
-                parameter="wb"[index % 2],
+                layer=names[index][0],
+                parameter=names[index][1],
                 shape=h.shape,
                 max_abs_error=float(np.max(np.abs(h - g))) if h.size else 0.0,
                 relative_error=relative,
@@ -206,12 +229,13 @@ def compare_gradients(
 
 
 def check_gradients(
-    net: Network,
+    net: AnyNetwork,
     x: Array,
     y: Array,
     *,
     loss: str,
     reduction: str = "mean",
+    key: Array | None = None,
     tolerance: float | None = None,
     fast_compile: bool = False,
 ) -> GradientReport:
@@ -247,29 +271,33 @@ def check_gradients(
     emitters). The math, op by op, is the same; the kernels are less
     optimised, so results can differ from the default compile in the last
     bits. Both gradients are compiled alike; the comparison is unchanged.
+
+    ``key`` draws dropout masks, the same for both passes (a ``Sequential``
+    with dropout is checked in training mode only when a key is given).
     """
-    dtype = np.dtype(net.dtype)
+    x, y = _backprop.coerce_inputs(net, x, y)
+    _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    dtype = np.dtype(net.dtype or x.dtype)
     if tolerance is None:
         tolerance = TOLERANCE.get(dtype, 1e-5)
     floor = FLOOR.get(dtype, FLOOR[np.dtype("float32")])
-    x, y = _backprop.coerce_inputs(net, x, y)
     # a NaN in the inputs makes both gradients NaN: say so instead of reporting a mismatch
     _backprop.check_finite("check_gradients: the input", x=x, y=y)
-    _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
     leaves = jax.tree.leaves(net)
     _backprop.check_finite(
-        "check_gradients: the network", **{f"layer {i // 2} {'wb'[i % 2]}": leaf for i, leaf in enumerate(leaves)}
+        "check_gradients: the network",
+        **{f"layer {layer} {name}": leaf for (layer, name), leaf in zip(leaf_names(net), leaves)},
     )
     with jax.default_matmul_precision("highest"):
         if fast_compile:
-            (value_h, grads_h), (value_g, grads_g) = _fast_compile_call(net, x, y, loss, reduction)
+            (value_h, grads_h), (value_g, grads_g) = _fast_compile_call(net, x, y, loss, reduction, key)
         else:
-            value_h, grads_h = _backprop._value_and_grad_jit(net, x, y, loss, reduction)
-            value_g, grads_g = _autodiff_value_and_grad_jit(net, x, y, loss, reduction)
+            value_h, grads_h = _backprop._value_and_grad_jit(net, x, y, loss, reduction, key)
+            value_g, grads_g = _autodiff_value_and_grad_jit(net, x, y, loss, reduction, key)
     leaves = compare_gradients(grads_h, grads_g, tolerance=tolerance, floor=floor)
     reference_dtype = None
     if dtype in LOW_PRECISION:
-        leaves, reference_dtype = _with_reference(leaves, net, x, y, loss, reduction, grads_h, grads_g, floor)
+        leaves, reference_dtype = _with_reference(leaves, net, x, y, loss, reduction, key, grads_h, grads_g, floor)
     value_h, value_g = float(value_h), float(value_g)
     if value_h == value_g:
         loss_error = 0.0
@@ -278,9 +306,11 @@ def check_gradients(
         loss_error = abs(value_h - value_g) / max(abs(value_g), float(jnp.finfo(dtype).tiny))
     else:
         loss_error = math.inf
+    is_mlp = isinstance(net, Network)
     return GradientReport(
-        sizes=net.sizes,
-        activations=net.activations,
+        sizes=net.sizes if is_mlp else (),
+        activations=net.activations if is_mlp else (),
+        architecture="" if is_mlp else repr(net),
         loss_name=loss,
         reduction=reduction,
         dtype=str(dtype),
@@ -293,7 +323,7 @@ def check_gradients(
     )
 
 
-def _with_reference(leaves, net, x, y, loss, reduction, grads_h, grads_g, floor):
+def _with_reference(leaves, net, x, y, loss, reduction, key, grads_h, grads_g, floor):
     """Return ``leaves`` with both 16-bit gradients' errors against jax.grad in float64 (float32 without x64)."""
     reference_dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
 
@@ -301,7 +331,7 @@ def _with_reference(leaves, net, x, y, loss, reduction, grads_h, grads_g, floor)
         return jax.tree.map(lambda a: a.astype(reference_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
     with jax.default_matmul_precision("highest"):
-        _, grads_r = _autodiff_value_and_grad_jit(upcast(net), upcast(x), upcast(y), loss, reduction)
+        _, grads_r = _autodiff_value_and_grad_jit(upcast(net), upcast(x), upcast(y), loss, reduction, key)
     inf = math.inf  # the verdict is hand vs autodiff; these are reported only
     h_r = compare_gradients(grads_h, grads_r, tolerance=inf, floor=floor)
     g_r = compare_gradients(grads_g, grads_r, tolerance=inf, floor=floor)

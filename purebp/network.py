@@ -3,7 +3,11 @@
 A multi-layer perceptron is a ``Network``: a tuple of ``Layer(w, b)`` (the
 leaves, ``w`` shaped ``(n_out, n_in)`` as in the notes, ``b`` shaped
 ``(n_out,)``) plus one activation name per layer, kept as static metadata in
-the tree structure. Nothing here mutates: every function returns new values.
+the tree structure. Any other stack of layers (``purebp.layers``: dense,
+residual, layer norm, dropout, your own) is a ``Sequential``, made by
+``init_network``. Both run on the same engine (``purebp.backprop``), which sees
+a ``Network`` as the stack of ``Dense`` layers it is (``stack``). Nothing here
+mutates: every function returns new values.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from purebp import activations as _activations
+from purebp.layers import Dense
+from purebp.layers.dense import HE_ACTIVATIONS
+from purebp.layers.shapes import init_stack, is_layer, output_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +95,7 @@ def supported_dtype(dtype: object) -> np.dtype:
     return resolved
 
 
-# He (Kaiming) normal for rectifier-like units, whose G' is ~1 on half the line;
-# Glorot (Xavier) normal for units symmetric around 0 and for output layers.
-HE_ACTIVATIONS = frozenset({"relu", "leaky_relu", "elu", "gelu", "softplus"})
+__all__ = ["HE_ACTIVATIONS", "Layer", "Network", "Sequential", "init_mlp", "init_network"]
 
 
 def init_mlp(
@@ -191,3 +196,123 @@ def validate_network(net: Network) -> None:
             if leaf.dtype != dtype:
                 raise TypeError(f"layer {l}: {leaf_name} is {leaf.dtype} but earlier parameters are {dtype}")
     validate_architecture(net.sizes, net.activations)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sequential:
+    """A stack of layers applied in order: ``layers`` (pytrees with forward/backward), ``input_shape`` static.
+
+    ``input_shape`` is the per-example shape, e.g. ``(40,)`` or ``(1, 40)``
+    (channels, length); inputs are batch-first, (N,) + input_shape.
+    ``jax.tree.leaves(net)`` are the layers' parameters in order.
+    """
+
+    layers: tuple
+    input_shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        """The floating dtype of the parameters (None for a stack without any)."""
+        leaves = [leaf for leaf in jax.tree.leaves(self) if hasattr(leaf, "dtype")]
+        return np.dtype(leaves[0].dtype) if leaves else None
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The per-example output shape, inferred layer by layer."""
+        shape = self.input_shape
+        for layer in self.layers:
+            shape = output_shape(layer, shape, self.dtype)
+        return shape
+
+    def __repr__(self) -> str:
+        try:
+            return f"Sequential(input_shape={self.input_shape}, layers=[{', '.join(map(repr, self.layers))}])"
+        except (AttributeError, IndexError, TypeError):
+            return f"Sequential(layers={self.layers!r})"
+
+
+jax.tree_util.register_dataclass(Sequential, data_fields=["layers"], meta_fields=["input_shape"])
+
+AnyNetwork = Network | Sequential
+
+
+def init_network(
+    key: jax.Array,
+    input_shape: int | Sequence[int],
+    layers: Sequence[object],
+    *,
+    dtype: jnp.dtype = jnp.float32,
+) -> Sequential:
+    """Initialise a stack of layers for per-example inputs of shape ``input_shape``; return a ``Sequential``.
+
+    ``layers`` holds builders (``purebp.dense(100, "relu")``,
+    ``purebp.residual(...)``, ``purebp.layer_norm()``, ``purebp.dropout(0.1)``)
+    and/or initialised layers of your own (any pytree with ``forward`` and
+    ``backward``, kept as given). Shapes are inferred layer by layer; a layer
+    that does not fit its input is a clear error naming it. Deterministic in
+    ``key``: item i draws from ``jax.random.split(key, len(layers))[i]``, with
+    the He/Glorot rule of ``init_mlp`` for each dense layer, so a stack of
+    dense layers starts exactly where ``init_mlp`` with the same key does.
+    """
+    if isinstance(input_shape, (int, np.integer)) and not isinstance(input_shape, bool):
+        input_shape = (int(input_shape),)
+    input_shape = tuple(input_shape)
+    for i, n in enumerate(input_shape):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+            raise ValueError(f"input_shape[{i}] must be a positive int, got {n!r} (input_shape {input_shape})")
+    if not input_shape:
+        raise ValueError("input_shape must have at least one axis, e.g. (40,) or (channels, length)")
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
+        raise ValueError(f"layers must be a non-empty list of layers, got {layers!r}")
+    dtype = supported_dtype(dtype)
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise TypeError(
+            "dtype=float64 needs jax_enable_x64: call jax.config.update('jax_enable_x64', True) before creating arrays"
+        )
+    stack_layers, _ = init_stack(key, tuple(int(n) for n in input_shape), list(layers), dtype)
+    return Sequential(layers=stack_layers, input_shape=tuple(int(n) for n in input_shape))
+
+
+def stack(net: AnyNetwork) -> tuple:
+    """Return the layers the engine runs: ``Dense(w, b, G)`` per layer of a ``Network``, ``net.layers`` otherwise."""
+    if isinstance(net, Network):
+        return tuple(Dense(layer.w, layer.b, name) for layer, name in zip(net.layers, net.activations))
+    return net.layers
+
+
+def like(net: AnyNetwork, layers: Sequence[object]) -> AnyNetwork:
+    """Return a network with the tree structure of ``net`` and the leaves of ``layers`` (e.g. its gradients)."""
+    return jax.tree.unflatten(jax.tree.structure(net), jax.tree.leaves(tuple(layers)))
+
+
+def input_shape_of(net: AnyNetwork) -> tuple[int, ...]:
+    """The per-example input shape: (n_0,) for a ``Network``."""
+    return (net.layers[0].w.shape[1],) if isinstance(net, Network) else net.input_shape
+
+
+def validate_sequential(net: Sequential) -> tuple[int, ...]:
+    """Raise a clear error, naming the layer, if ``net``'s layers do not fit together; return its output shape."""
+    if not isinstance(net, Sequential):
+        raise TypeError(f"expected a purebp.Sequential, got {type(net).__name__}")
+    if not net.layers:
+        raise ValueError("the network has no layers")
+    dtype = None
+    for path, leaf in jax.tree_util.tree_leaves_with_path(net):
+        where = jax.tree_util.keystr(path)
+        leaf_dtype = getattr(leaf, "dtype", None)
+        if leaf_dtype is None or not jnp.issubdtype(leaf_dtype, jnp.floating):
+            raise TypeError(f"parameter {where} must be a floating array, got {leaf!r}")
+        if leaf_dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"parameter {where} has dtype {leaf_dtype}; supported dtypes: {_SUPPORTED_NAMES}")
+        dtype = dtype or leaf_dtype
+        if leaf_dtype != dtype:
+            raise TypeError(f"parameter {where} is {leaf_dtype} but earlier parameters are {dtype}")
+    shape = net.input_shape
+    for index, layer in enumerate(net.layers):
+        if not is_layer(layer):
+            raise TypeError(f"layer {index} is {layer!r}, not a layer with forward(a, key=None) and backward(cache, g)")
+        try:
+            shape = output_shape(layer, shape, dtype)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"layer {index} ({layer!r}): {error}") from None
+    return shape

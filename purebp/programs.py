@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import types
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -183,3 +184,20 @@ def _describe(value: Any, path: str, out: dict[str, str], seen: set[int], depth:
             out[path] = f"{array.dtype}{list(array.shape)} sha256:{digest}"
     else:
         out[path] = f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
+# ---------------------------------------------------------------- one call clears every cache
+
+_CLEARERS: list = []
+
+
+def on_clear(clear: Callable[[], object]) -> None:
+    """Register a function that empties one of purebp's caches; ``clear_caches`` calls it."""
+    _CLEARERS.append(clear)
+
+
+def clear_caches() -> None:
+    """Empty every cache purebp keeps (validated signatures, compiled programs) and call ``jax.clear_caches()``."""
+    for clear in _CLEARERS:
+        clear()
+    jax.clear_caches()

@@ -1,0 +1,128 @@
+"""The dense layer: z = W a + b, a_out = G(z), and the notes' four equations as its backward rule.
+
+Batch-first, one row per example: a is (N, n_in), W is (n_out, n_in), so the
+notes' z^l = W^l a^{l-1} + b^l is ``a @ W.T + b`` and their column sums over
+the batch are sums over axis 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from purebp import activations as _activations
+
+Array = jax.Array
+
+# He (Kaiming) normal for rectifier-like units, whose G' is ~1 on half the line;
+# Glorot (Xavier) normal for units symmetric around 0 and for output layers.
+HE_ACTIVATIONS = frozenset({"relu", "leaky_relu", "elu", "gelu", "softplus"})
+
+
+class DenseCache(NamedTuple):
+    """What the backward rule needs: a^{l-1} (dz/dW = a), z^l and a^l (for G')."""
+
+    input: Array
+    pre_activation: Array
+    activation: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """z = a W^T + b, out = G(z): ``w`` (n_out, n_in), ``b`` (n_out,), ``activation`` a registered name (static)."""
+
+    w: Array
+    b: Array
+    activation: str = "identity"
+
+    def forward(self, a: Array, key: Array | None = None) -> tuple[Array, DenseCache]:
+        pre_activation = a @ self.w.T + self.b[None, :]  # z^l = W^l a^{l-1} + b^l
+        activation = _activations.get(self.activation).forward(pre_activation)  # a^l = G(z^l)
+        return activation, DenseCache(a, pre_activation, activation)
+
+    def delta(self, cache: DenseCache, grad_out: Array) -> Array:
+        """delta^l = dC/da^l (.) G'(z^l): (BP1) at the output layer, the second factor of (BP2) below it."""
+        if self.activation == "identity":
+            return grad_out
+        return _activations.get(self.activation).chain(grad_out, cache.pre_activation, cache.activation)
+
+    def backward(self, cache: DenseCache, grad_out: Array) -> tuple[Array, Dense]:
+        delta = self.delta(cache, grad_out)  # (BP1)/(BP2) delta^l = dC/da^l (.) G'(z^l)
+        grad_w = delta.T @ cache.input  # (BP4) dC/dW^l = delta^l (a^{l-1})^T, summed over the batch
+        grad_b = jnp.sum(delta, axis=0)  # (BP3) dC/db^l = sum_n delta^l_n
+        grad_in = delta @ self.w  # (BP2) dC/da^{l-1} = (W^l)^T delta^l, before the layer below applies its G'
+        return grad_in, Dense(grad_w, grad_b, self.activation)
+
+    def per_example_grads(self, cache: DenseCache, grad_out: Array) -> Dense:
+        delta = self.delta(cache, grad_out)
+        # (BP4) and (BP3) for one example: delta_n (a_n)^T and delta_n
+        return Dense(delta[:, :, None] * cache.input[:, None, :], delta, self.activation)
+
+    def per_example_squared_norms(self, cache: DenseCache, grad_out: Array) -> Dense:
+        delta = self.delta(cache, grad_out)
+        delta_sq = jnp.sum(delta * delta, axis=1)
+        # Goodfellow's trick: ||delta_n a_n^T||_F^2 = ||delta_n||^2 ||a_n||^2, no (N, n_out, n_in) tensor
+        return Dense(delta_sq * jnp.sum(cache.input * cache.input, axis=1), delta_sq, self.activation)
+
+    def linear(self) -> Dense:
+        """The same weights with the identity activation: the output layer once delta^L is fused with the cost."""
+        return dataclasses.replace(self, activation="identity")
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        w, b = self.w, self.b
+        if getattr(w, "ndim", None) != 2 or getattr(b, "ndim", None) != 1:
+            raise ValueError(
+                f"expected w of shape (n_out, n_in) and b of shape (n_out,), got w {getattr(w, 'shape', w)} "
+                f"and b {getattr(b, 'shape', b)}"
+            )
+        if w.shape[0] != b.shape[0]:
+            raise ValueError(f"w has {w.shape[0]} rows but b has {b.shape[0]} entries")
+        if len(input_shape) != 1:
+            raise ValueError(
+                f"a dense layer takes one feature axis, inputs (N, n_in); it got per-example shape {input_shape}: "
+                "flatten it first"
+            )
+        if input_shape[0] != w.shape[1]:
+            raise ValueError(f"w expects {w.shape[1]} inputs but the layer receives {input_shape[0]}")
+        _activations.get(self.activation)
+        return (w.shape[0],)
+
+    def __repr__(self) -> str:
+        return f"Dense({self.w.shape[0]}, {self.activation!r})" if hasattr(self.w, "shape") else "Dense(...)"
+
+
+jax.tree_util.register_dataclass(Dense, data_fields=["w", "b"], meta_fields=["activation"])
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseInit:
+    """``dense(n_out, activation)`` before its input width is known."""
+
+    n_out: int
+    activation: str = "identity"
+
+    def init(self, key: Array, input_shape: tuple[int, ...], dtype: np.dtype) -> Dense:
+        """W ~ N(0, s^2), s = sqrt(2 / n_in) (He) for rectifier-like G, sqrt(2 / (n_in + n_out)) (Glorot) otherwise; b = 0."""
+        if len(input_shape) != 1:
+            raise ValueError(
+                f"dense({self.n_out}) takes inputs of shape (N, n_in) but receives per-example shape "
+                f"{tuple(input_shape)}: flatten it first"
+            )
+        n_in = input_shape[0]
+        scale = (2.0 / n_in) ** 0.5 if self.activation in HE_ACTIVATIONS else (2.0 / (n_in + self.n_out)) ** 0.5
+        # 16-bit: draw in float32 and round once (a normal drawn in bfloat16 has 128 distinct values)
+        draw = dtype if dtype.itemsize >= 4 else np.dtype("float32")
+        w = (scale * jax.random.normal(key, (self.n_out, n_in), dtype=draw)).astype(dtype)
+        return Dense(w, jnp.zeros((self.n_out,), dtype=dtype), self.activation)
+
+
+def dense(n_out: int, activation: str = "identity") -> DenseInit:
+    """A dense layer of ``n_out`` units with activation G = ``activation`` (a registered name)."""
+    if isinstance(n_out, bool) or not isinstance(n_out, (int, np.integer)) or n_out <= 0:
+        raise ValueError(f"dense: n_out must be a positive int, got {n_out!r}")
+    _activations.get(activation)
+    return DenseInit(int(n_out), activation)

@@ -1,0 +1,61 @@
+"""Inverted dropout: out = a (.) m / (1 - rate), m_i ~ Bernoulli(1 - rate), drawn per example from its key.
+
+With no key (inference) the layer is the identity. The backward rule is the
+same mask: dC/da = dC/d(out) (.) m / (1 - rate). No parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropout:
+    """Drop each input with probability ``rate`` (static) while training; identity without a key."""
+
+    rate: float
+
+    def forward(self, a: Array, key: Array | None = None) -> tuple[Array, Array | None]:
+        if key is None or self.rate == 0.0:
+            return a, None
+        keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.rate, a.shape[1:]))(key)
+        mask = keep.astype(a.dtype) / np.asarray(1.0 - self.rate, dtype=a.dtype)  # m / (1 - rate)
+        return a * mask, mask
+
+    def backward(self, mask: Array | None, grad_out: Array) -> tuple[Array, Dropout]:
+        grad_in = grad_out if mask is None else grad_out * mask  # dC/da = dC/d(out) (.) m / (1 - rate)
+        return grad_in, self
+
+    def per_example_grads(self, mask: Array | None, grad_out: Array) -> Dropout:
+        return self
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"rate must be in [0, 1), got {self.rate!r}")
+        return tuple(input_shape)
+
+    def __repr__(self) -> str:
+        return f"Dropout({self.rate})"
+
+
+jax.tree_util.register_dataclass(Dropout, data_fields=[], meta_fields=["rate"])
+
+
+@dataclasses.dataclass(frozen=True)
+class DropoutInit:
+    rate: float
+
+    def init(self, key: Array, input_shape: tuple[int, ...], dtype: np.dtype) -> Dropout:
+        return Dropout(self.rate)
+
+
+def dropout(rate: float) -> DropoutInit:
+    """Inverted dropout with drop probability ``rate`` in [0, 1)."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout: rate must be a number in [0, 1), got {rate!r}")
+    return DropoutInit(float(rate))
