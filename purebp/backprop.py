@@ -193,9 +193,7 @@ def _trace(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: 
     return BackpropTrace(
         pre_activations=tuple(c.pre_activation if d else o for c, d, o in zip(caches, is_dense, outputs)),
         activations=outputs,
-        deltas=tuple(
-            layer.delta(c, g) if d else g for layer, c, g, d in zip(layers, caches, grad_outputs, is_dense)
-        ),
+        deltas=tuple(layer.delta(c, g) if d else g for layer, c, g, d in zip(layers, caches, grad_outputs, is_dense)),
         loss=value,
         grads=grads,
         inputs=(x,) + outputs[:-1],
@@ -429,9 +427,7 @@ def _validate_structure(structure, param_signature, x_signature, y_signature, lo
     # cached: the same shapes are checked once, so eager calls stay cheap; returns the number of outputs
     if isinstance(structure, tuple):  # a Network: its activation names
         layers = [
-            Layer(
-                w=jax.ShapeDtypeStruct(*param_signature[2 * l]), b=jax.ShapeDtypeStruct(*param_signature[2 * l + 1])
-            )
+            Layer(w=jax.ShapeDtypeStruct(*param_signature[2 * l]), b=jax.ShapeDtypeStruct(*param_signature[2 * l + 1]))
             for l in range(len(param_signature) // 2)
         ]
         net = Network(layers=tuple(layers), activations=structure)

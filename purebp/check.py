@@ -16,8 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from purebp import backprop as _backprop
-from purebp import layers as _layers
-from purebp import losses as _losses
 from purebp.network import AnyNetwork, Network
 
 Array = jax.Array

@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from purebp import backprop as _backprop
-from purebp.network import Network
+from purebp.network import AnyNetwork
 
 Array = jax.Array
 DATA_AXIS = "data"
@@ -78,19 +78,24 @@ def _sharded_value_and_grad(mesh: Mesh, axis: str, loss: str, reduction: str):
     # than it saves (experiments/results/scaling.md), so there the leaves are reduced as they are.
     flatten = len({device.process_index for device in mesh.devices.flat}) > 1
 
-    def local(net: Network, x: Array, y: Array):
-        trace = _backprop._trace(net, x, y, loss, "sum")  # this shard's sum_n C^n and its gradient
+    def local(net: AnyNetwork, x: Array, y: Array, key: Array | None):
+        # this shard's sum_n C^n and its gradient; its examples start at axis_index * shard size, so
+        # its dropout masks are the ones the whole batch draws for them on one device
+        offset = jax.lax.axis_index(axis) * x.shape[0]
+        shard_loss, grads = _backprop.loss_and_grads(
+            net, x, y, loss=loss, reduction="sum", key=key, example_offset=offset
+        )
         if not flatten:
-            return jax.lax.psum((trace.loss, trace.grads), axis)
-        flat, unravel = ravel_pytree((trace.loss, trace.grads))
+            return jax.lax.psum((shard_loss, grads), axis)
+        flat, unravel = ravel_pytree((shard_loss, grads))
         total_loss, grads = unravel(jax.lax.psum(flat, axis))  # one all-reduce for every leaf
         return total_loss, grads
 
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis), P(axis)), out_specs=(P(), P()))
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis), P(axis), P()), out_specs=(P(), P()))
 
     @jax.jit
-    def value_and_grad(net: Network, x: Array, y: Array):
-        total_loss, grads = sharded(net, x, y)
+    def value_and_grad(net: AnyNetwork, x: Array, y: Array, key: Array | None = None):
+        total_loss, grads = sharded(net, x, y, key)
         if reduction == "mean":
             scale = 1.0 / x.shape[0]
             return scale * total_loss, jax.tree.map(lambda g: scale * g, grads)
@@ -100,7 +105,7 @@ def _sharded_value_and_grad(mesh: Mesh, axis: str, loss: str, reduction: str):
 
 
 def data_parallel_value_and_grad(
-    net: Network,
+    net: AnyNetwork,
     x: Array,
     y: Array,
     *,
@@ -108,15 +113,20 @@ def data_parallel_value_and_grad(
     reduction: str = "mean",
     mesh: Mesh,
     axis: str = DATA_AXIS,
-) -> tuple[Array, Network]:
+    key: Array | None = None,
+) -> tuple[Array, AnyNetwork]:
     """``purebp.value_and_grad`` with the batch split over ``mesh``'s ``axis``; replicated results.
 
     Raises ValueError before compiling when the batch does not divide by the
     number of devices on ``axis`` (no padding: padding would change a mean).
+    ``key`` draws the dropout masks: each device draws those of its own
+    examples (``fold_in(key, global example index)``), so any number of
+    devices gives the masks of one device, and the result to rounding.
     """
+    x, y = _backprop.coerce_inputs(net, x, y)
     _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
     validate_mesh(mesh, axis, x.shape[0])
-    return _sharded_value_and_grad(mesh, axis, loss, reduction)(net, x, y)
+    return _sharded_value_and_grad(mesh, axis, loss, reduction)(net, x, y, key)
 
 
 def shard_batch(x: Array, mesh: Mesh, axis: str = DATA_AXIS) -> Array:

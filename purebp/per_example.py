@@ -39,10 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from purebp import activations as _activations
 from purebp import backprop as _backprop
-from purebp import losses as _losses
-from purebp.network import Layer, Network
+from purebp import layers as _layers
+from purebp.network import AnyNetwork, like
 
 Array = jax.Array
 
@@ -52,66 +51,58 @@ DP_REDUCTIONS = ("mean", "sum")
 # ---------------------------------------------------------------- the passes
 
 
-def _per_example_pass(net: Network, x: Array, y: Array, loss: str):
-    """Return (forward cache, delta^L, deltas per layer, per-example costs) for C^n (not divided by N).
+def _per_example_pass(net: AnyNetwork, x: Array, y: Array, loss: str, key: Array | None):
+    """Return (caches, delta^L, what each layer's backward got, per-example costs) for C^n (not divided by N).
 
-    Only the deltas and activations are used by the callers; the batch-summed
-    gradients ``backward_pass`` also builds are dead code that XLA removes under jit.
+    Only the caches and the per-layer gradients are used by the callers; the
+    batch-summed gradients ``backward_pass`` also builds are dead code that
+    XLA removes under jit.
     """
-    cache = _backprop.forward_pass(net, x)
-    pre_activation, activation = cache[-1]
-    target = _losses.dense_targets(y, net.layers[-1].w.shape[0], activation.dtype)
-    cost = _losses.per_example_cost(pre_activation, activation, target, loss)
-    output = _activations.get(net.activations[-1])
+    output, caches = _backprop.forward_pass(net, x, key)
+    cost = _backprop.output_cost(net, output, caches, y, loss=loss)
     # (BP1) delta^L_n = dC^n/dz^L_n, the per-example cost's own delta (reduction="sum")
-    output_delta = _losses.output_delta(pre_activation, activation, target, loss, output)
-    _, deltas = _backprop.backward_pass(net, x, cache, output_delta)
-    return cache, output_delta, deltas, cost
+    _, output_delta = _backprop.loss_and_output_delta(net, output, caches, y, loss=loss, reduction="sum")
+    _, grad_outputs = _backprop.backward_pass(net, caches, output_delta)
+    return caches, output_delta, grad_outputs, cost
 
 
-def _inputs_per_layer(x: Array, cache) -> tuple[Array, ...]:
-    """Return (a^0, ..., a^{L-1}): the input of every layer, a^0 = x."""
-    return (x,) + tuple(a for _, a in cache[:-1])
+def _squared_norms(net: AnyNetwork, caches, grad_outputs) -> list:
+    """Per layer, a tree of ||dC^n/dtheta||^2 per parameter leaf, each (N,), by each layer's own rule."""
+    return [
+        _layers.per_example_squared_norms(layer, cache, grad_output)
+        for layer, cache, grad_output in zip(_backprop.backward_layers(net), caches, grad_outputs)
+    ]
 
 
-def _squared_norms(delta: Array, activation_prev: Array) -> tuple[Array, Array]:
-    """Return (||delta_n a_prev_n^T||_F^2, ||delta_n||^2) for every n, shapes (N,), without the outer product."""
-    delta_sq = jnp.sum(delta * delta, axis=1)
-    return delta_sq * jnp.sum(activation_prev * activation_prev, axis=1), delta_sq
-
-
-def _global_norms(deltas, inputs) -> Array:
-    """Return ||dC^n/dtheta||_2 for every n, shape (N,), by Goodfellow's factorisation."""
+def _global_norms(squared_norms: list) -> Array:
+    """Return ||dC^n/dtheta||_2 for every n, shape (N,): the root of the sum of every leaf's squared norm."""
     total = None
-    for delta, activation_prev in zip(deltas, inputs):
-        w_sq, b_sq = _squared_norms(delta, activation_prev)
-        total = w_sq + b_sq if total is None else total + w_sq + b_sq
+    for leaf in jax.tree.leaves(squared_norms):
+        total = leaf if total is None else total + leaf
     return jnp.sqrt(total)
 
 
 @functools.partial(jax.jit, static_argnames=("loss",))
-def _per_example_grads_jit(net: Network, x: Array, y: Array, loss: str) -> Network:
-    cache, _, deltas, _ = _per_example_pass(net, x, y, loss)
-    layers = tuple(
-        # (BP4) per example: dC^n/dW^l = delta^l_n (a^{l-1}_n)^T, one batched product; (BP3) dC^n/db^l = delta^l_n
-        Layer(w=jnp.einsum("ni,nj->nij", delta, activation_prev), b=delta)
-        for delta, activation_prev in zip(deltas, _inputs_per_layer(x, cache))
-    )
-    return Network(layers=layers, activations=net.activations)
+def _per_example_grads_jit(net: AnyNetwork, x: Array, y: Array, loss: str, key: Array | None = None) -> AnyNetwork:
+    caches, _, grad_outputs, _ = _per_example_pass(net, x, y, loss, key)
+    # each layer's (BP3)-(BP4) for one example: for a dense layer delta^l_n (a^{l-1}_n)^T and delta^l_n
+    layers = [
+        layer.per_example_grads(cache, grad_output)
+        for layer, cache, grad_output in zip(_backprop.backward_layers(net), caches, grad_outputs)
+    ]
+    return like(net, layers)
 
 
 @functools.partial(jax.jit, static_argnames=("loss", "per_layer"))
-def _per_example_grad_norms_jit(net: Network, x: Array, y: Array, loss: str, per_layer: bool):
-    cache, _, deltas, _ = _per_example_pass(net, x, y, loss)
-    inputs = _inputs_per_layer(x, cache)
-    norms = _global_norms(deltas, inputs)
+def _per_example_grad_norms_jit(
+    net: AnyNetwork, x: Array, y: Array, loss: str, per_layer: bool, key: Array | None = None
+):
+    caches, _, grad_outputs, _ = _per_example_pass(net, x, y, loss, key)
+    squared = _squared_norms(net, caches, grad_outputs)
+    norms = _global_norms(squared)
     if not per_layer:
         return norms
-    leaf_norms = []
-    for delta, activation_prev in zip(deltas, inputs):
-        w_sq, b_sq = _squared_norms(delta, activation_prev)
-        leaf_norms.append(Layer(w=jnp.sqrt(w_sq), b=jnp.sqrt(b_sq)))
-    return norms, Network(layers=tuple(leaf_norms), activations=net.activations)
+    return norms, like(net, jax.tree.map(jnp.sqrt, squared))
 
 
 def _clip_multipliers(norms: Array, l2_norm_clip: Array) -> Array:
@@ -124,7 +115,7 @@ def _clip_multipliers(norms: Array, l2_norm_clip: Array) -> Array:
     return jnp.nan_to_num(jnp.minimum(clip / norms, 1.0), nan=1.0)
 
 
-def _add_noise(summed: Network, key: Array, noise_std: Array, divisor: int) -> tuple[Network, Array]:
+def _add_noise(summed: AnyNetwork, key: Array, noise_std: Array, divisor: int) -> tuple[AnyNetwork, Array]:
     """Return ((g + noise_std * xi) / divisor leaf by leaf, next key), drawing xi as optax's DP aggregate does.
 
     With noise_std == 0 the draw is skipped at run time (``lax.cond``): g + 0 * xi
@@ -145,7 +136,7 @@ def _add_noise(summed: Network, key: Array, noise_std: Array, divisor: int) -> t
 
 
 def _dp_value_and_grad(
-    net: Network,
+    net: AnyNetwork,
     x: Array,
     y: Array,
     key: Array,
@@ -153,14 +144,17 @@ def _dp_value_and_grad(
     noise_multiplier: Array,
     loss: str,
     reduction: str,
+    dropout_key: Array | None = None,
 ):
     # pass 1: forward, deltas, and per-example norms by the factorisation
-    cache, output_delta, deltas, cost = _per_example_pass(net, x, y, loss)
-    norms = _global_norms(deltas, _inputs_per_layer(x, cache))
+    caches, output_delta, grad_outputs, cost = _per_example_pass(net, x, y, loss, dropout_key)
+    norms = _global_norms(_squared_norms(net, caches, grad_outputs))
     multipliers = _clip_multipliers(norms, l2_norm_clip)
-    # pass 2: one backward pass from delta^L with row n scaled by m_n: every delta^l_n,
-    # hence g_n, is scaled by m_n, so the summed gradient is sum_n m_n g_n
-    clipped_sum, _ = _backprop.backward_pass(net, x, cache, multipliers[:, None] * output_delta)
+    # pass 2: one backward pass from delta^L with row n scaled by m_n: every layer's backward is
+    # linear in what it receives and acts on each example alone, so g_n is scaled by m_n and the
+    # summed gradient is sum_n m_n g_n
+    scaled = multipliers.reshape((-1,) + (1,) * (output_delta.ndim - 1)) * output_delta
+    clipped_sum, _ = _backprop.backward_pass(net, caches, scaled)
     # the product before the cast, as optax forms c * sigma in Python before meeting the dtype
     noise_std = (jnp.asarray(l2_norm_clip) * jnp.asarray(noise_multiplier)).astype(norms.dtype)
     divisor = x.shape[0] if reduction == "mean" else 1
@@ -173,8 +167,10 @@ _dp_value_and_grad_jit = jax.jit(_dp_value_and_grad, static_argnames=("loss", "r
 
 
 @functools.partial(jax.jit, static_argnames=("optimizer", "loss"))
-def _dp_sgd_step_jit(net, opt_state, x, y, key, l2_norm_clip, noise_multiplier, optimizer, loss):
-    value, grads, next_key = _dp_value_and_grad(net, x, y, key, l2_norm_clip, noise_multiplier, loss, "mean")
+def _dp_sgd_step_jit(net, opt_state, x, y, key, l2_norm_clip, noise_multiplier, optimizer, loss, dropout_key=None):
+    value, grads, next_key = _dp_value_and_grad(
+        net, x, y, key, l2_norm_clip, noise_multiplier, loss, "mean", dropout_key
+    )
     # optax mixes Python scalars with int32 counters (Adam's bias correction): give it the
     # standard promotion rules even when the caller runs strict ones (as purebp.training does)
     with jax.numpy_dtype_promotion("standard"):
@@ -186,23 +182,25 @@ def _dp_sgd_step_jit(net, opt_state, x, y, key, l2_norm_clip, noise_multiplier, 
 # ---------------------------------------------------------------- public API
 
 
-def per_example_grads(net: Network, x: Array, y: Array, *, loss: str) -> Network:
-    """Return dC^n/dtheta for every example n: a ``Network`` whose leaves have a leading batch axis N.
+def per_example_grads(net: AnyNetwork, x: Array, y: Array, *, loss: str, key: Array | None = None) -> AnyNetwork:
+    """Return dC^n/dtheta for every example n: a network whose leaves have a leading batch axis N.
 
     Leaf shapes: ``layers[l].w`` is (N, n_out, n_in) and ``layers[l].b`` is
     (N, n_out); entry n is the gradient of the per-example cost C^n (not divided
     by N), so summing over axis 0 gives ``purebp.grad(..., reduction="sum")``.
-    Built from the deltas with one batched outer product per layer (no autodiff,
-    no vmap). Memory is N times the parameter count: for norms alone use
-    ``per_example_grad_norms``.
+    Built from each layer's own per-example rule (for a dense layer one batched
+    outer product of delta and a_prev; no autodiff, no vmap). ``key`` draws the
+    dropout masks, as in ``value_and_grad``. Memory is N times the parameter
+    count: for norms alone use ``per_example_grad_norms``.
     """
+    x, y = _backprop.coerce_inputs(net, x, y)
     _backprop.validate_inputs(net, x, y, loss=loss, reduction="sum")
-    return _per_example_grads_jit(net, x, y, loss)
+    return _per_example_grads_jit(net, x, y, loss, key)
 
 
 def per_example_grad_norms(
-    net: Network, x: Array, y: Array, *, loss: str, per_layer: bool = False
-) -> Array | tuple[Array, Network]:
+    net: AnyNetwork, x: Array, y: Array, *, loss: str, per_layer: bool = False, key: Array | None = None
+) -> Array | tuple[Array, AnyNetwork]:
     """Return ||dC^n/dtheta||_2 for every example, shape (N,), without materialising the gradients.
 
     Uses ||dC^n/dW^l||^2 = ||delta^l_n||^2 ||a^{l-1}_n||^2 and ||dC^n/db^l||^2 =
@@ -210,16 +208,20 @@ def per_example_grad_norms(
     O(N * parameters). With ``per_layer=True`` returns ``(norms, leaf_norms)``
     where ``leaf_norms`` is a ``Network`` whose ``layers[l].w`` and
     ``layers[l].b`` are (N,) arrays: the norms of dC^n/dW^l and dC^n/db^l (the
-    global norm is the root of the sum of their squares).
+    global norm is the root of the sum of their squares). A residual block's
+    squared norm is the sum of its body layers' squared norms (its parameters
+    are theirs), each by that layer's rule; a layer norm's per-example
+    gradients are (N, n) vectors, so they are formed explicitly.
     """
     if not isinstance(per_layer, bool):
         raise TypeError(f"per_layer must be True or False, got {per_layer!r}")
+    x, y = _backprop.coerce_inputs(net, x, y)
     _backprop.validate_inputs(net, x, y, loss=loss, reduction="sum")
-    return _per_example_grad_norms_jit(net, x, y, loss, per_layer)
+    return _per_example_grad_norms_jit(net, x, y, loss, per_layer, key)
 
 
 def dp_value_and_grad(
-    net: Network,
+    net: AnyNetwork,
     x: Array,
     y: Array,
     key: Array,
@@ -228,7 +230,8 @@ def dp_value_and_grad(
     l2_norm_clip: float | Array,
     noise_multiplier: float | Array,
     reduction: str = "mean",
-) -> tuple[Array, Network, Array]:
+    dropout_key: Array | None = None,
+) -> tuple[Array, AnyNetwork, Array]:
     """Return (loss, DP gradient, next key): clipped, noised per-example gradients, summed, in two passes.
 
     The gradient is (sum_n min(1, c / ||g_n||) g_n + sigma c xi) / N with
@@ -240,14 +243,17 @@ def dp_value_and_grad(
     key that transform keeps for its next update. The loss is the unclipped
     (1/N) sum_n C^n (or the sum). No per-example gradient is ever in memory:
     pass 1 computes the norms from the deltas, pass 2 is one backward pass
-    from delta^L with row n scaled by min(1, c / ||g_n||).
+    from delta^L with row n scaled by min(1, c / ||g_n||). ``dropout_key``
+    draws the dropout masks (both passes use the same ones).
     """
     _validate_dp(net, x, y, key, loss, l2_norm_clip, noise_multiplier, reduction)
-    return _dp_value_and_grad_jit(net, x, y, key, l2_norm_clip, noise_multiplier, loss, reduction)
+    if dropout_key is not None:
+        _validate_key(dropout_key)
+    return _dp_value_and_grad_jit(net, x, y, key, l2_norm_clip, noise_multiplier, loss, reduction, dropout_key)
 
 
 def dp_sgd_step(
-    net: Network,
+    net: AnyNetwork,
     opt_state: optax.OptState,
     x: Array,
     y: Array,
@@ -257,7 +263,8 @@ def dp_sgd_step(
     loss: str,
     l2_norm_clip: float | Array,
     noise_multiplier: float | Array,
-) -> tuple[Network, optax.OptState, Array, Array]:
+    dropout_key: Array | None = None,
+) -> tuple[AnyNetwork, optax.OptState, Array, Array]:
     """Return (new net, new optimizer state, loss, next key): one jitted DP-SGD training step.
 
     The gradient is ``dp_value_and_grad(..., reduction="mean")``, then
@@ -271,7 +278,9 @@ def dp_sgd_step(
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
     _validate_dp(net, x, y, key, loss, l2_norm_clip, noise_multiplier, "mean")
-    return _dp_sgd_step_jit(net, opt_state, x, y, key, l2_norm_clip, noise_multiplier, optimizer, loss)
+    if dropout_key is not None:
+        _validate_key(dropout_key)
+    return _dp_sgd_step_jit(net, opt_state, x, y, key, l2_norm_clip, noise_multiplier, optimizer, loss, dropout_key)
 
 
 # ---------------------------------------------------------------- input checks

@@ -51,10 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from purebp import activations as _activations
 from purebp import backprop as _backprop
-from purebp import losses as _losses
-from purebp.network import Network, supported_dtype
+from purebp.network import AnyNetwork, Network, Sequential, supported_dtype
 
 Array = jax.Array
 GradientFunction = Callable[[Network, Array, Array, str, str], tuple[Array, Network]]
@@ -66,8 +64,8 @@ def cast_network(net: Network, dtype: object) -> Network:
     Rounds to nearest; casting up (bfloat16 -> float32 -> float64) is exact.
     Pure and jittable; the activations and tree structure are unchanged.
     """
-    if not isinstance(net, Network):
-        raise TypeError(f"expected a purebp.Network, got {type(net).__name__}")
+    if not isinstance(net, (Network, Sequential)):
+        raise TypeError(f"expected a purebp.Network or purebp.Sequential, got {type(net).__name__}")
     dtype = supported_dtype(dtype)
     return jax.tree.map(lambda leaf: leaf.astype(dtype), net)
 
@@ -135,15 +133,10 @@ def _mixed_value_and_grad_jit(net, x, y, loss, reduction, compute, loss_scale):
     return value.astype(master), grads
 
 
-def _scaled_value_and_grad(net: Network, x: Array, y: Array, loss: str, reduction: str, loss_scale: float):
+def _scaled_value_and_grad(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, loss_scale: float):
     """(L, S dL/dtheta): purebp.value_and_grad's pass, built from the public passes, with delta^L times S."""
-    cache = _backprop.forward_pass(net, x)
-    pre_activation, activation = cache[-1]
-    target = _losses.dense_targets(y, net.layers[-1].w.shape[0], activation.dtype)
-    cost = _losses.per_example_cost(pre_activation, activation, target, loss)
-    scale = 1.0 / x.shape[0] if reduction == "mean" else 1.0  # L = (1/N) sum_n C^n or sum_n C^n
-    output = _activations.get(net.activations[-1])
-    # (BP1) delta^L times dL/dC^n and S; (BP2)-(BP4) are linear in delta, so every gradient is S times dL/dtheta
-    delta = (loss_scale * scale) * _losses.output_delta(pre_activation, activation, target, loss, output)
-    grads, _ = _backprop.backward_pass(net, x, cache, delta)
-    return scale * jnp.sum(cost), grads
+    output, caches = _backprop.forward_pass(net, x)
+    value, delta = _backprop.loss_and_output_delta(net, output, caches, y, loss=loss, reduction=reduction)
+    # (BP1) delta^L times S; every layer's backward is linear in what it receives, so every gradient is S dL/dtheta
+    grads, _ = _backprop.backward_pass(net, caches, loss_scale * delta)
+    return value, grads

@@ -60,7 +60,7 @@ class Dense:
     def per_example_grads(self, cache: DenseCache, grad_out: Array) -> Dense:
         delta = self.delta(cache, grad_out)
         # (BP4) and (BP3) for one example: delta_n (a_n)^T and delta_n
-        return Dense(delta[:, :, None] * cache.input[:, None, :], delta, self.activation)
+        return Dense(jnp.einsum("ni,nj->nij", delta, cache.input), delta, self.activation)
 
     def per_example_squared_norms(self, cache: DenseCache, grad_out: Array) -> Dense:
         delta = self.delta(cache, grad_out)
@@ -106,7 +106,7 @@ class DenseInit:
     activation: str = "identity"
 
     def init(self, key: Array, input_shape: tuple[int, ...], dtype: np.dtype) -> Dense:
-        """W ~ N(0, s^2), s = sqrt(2 / n_in) (He) for rectifier-like G, sqrt(2 / (n_in + n_out)) (Glorot) otherwise; b = 0."""
+        """W ~ N(0, s^2), b = 0; s = sqrt(2 / n_in) (He) for rectifier-like G, sqrt(2 / (n_in + n_out)) else."""
         if len(input_shape) != 1:
             raise ValueError(
                 f"dense({self.n_out}) takes inputs of shape (N, n_in) but receives per-example shape "

@@ -45,9 +45,7 @@ class Residual:
 
     def per_example_grads(self, caches: tuple, grad_out: Array) -> Residual:
         _, _, grad_outs = self._body_backward(caches, grad_out)
-        return Residual(
-            tuple(layer.per_example_grads(c, g) for layer, c, g in zip(self.layers, caches, grad_outs))
-        )
+        return Residual(tuple(layer.per_example_grads(c, g) for layer, c, g in zip(self.layers, caches, grad_outs)))
 
     def per_example_squared_norms(self, caches: tuple, grad_out: Array) -> Residual:
         # the block's parameters are its body's, so its squared norm is the sum of the body layers' squared
