@@ -5,9 +5,11 @@ from purebp.backprop import BackpropTrace, backprop_trace, forward, grad, value_
 from purebp.check import GradientReport, autodiff_value_and_grad, check_gradients
 from purebp.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from purebp.distributed import ProcessFailureError, data_parallel_value_and_grad, make_data_mesh
-from purebp.network import Layer, Network, init_mlp
+from purebp.layers import Dense, Dropout, LayerNorm, Residual, dense, dropout, layer_norm, residual
+from purebp.network import Layer, Network, Sequential, init_mlp, init_network
 from purebp.per_example import dp_sgd_step, dp_value_and_grad, per_example_grad_norms, per_example_grads
 from purebp.precision import cast_network, mixed_value_and_grad
+from purebp.programs import clear_caches
 from purebp.training import (
     DivergenceError,
     GradientMismatchError,
@@ -23,24 +25,34 @@ __all__ = [
     "BackpropTrace",
     "Checkpoint",
     "CheckpointError",
+    "Dense",
     "DivergenceError",
+    "Dropout",
     "GradientMismatchError",
     "GradientReport",
     "Layer",
+    "LayerNorm",
     "Network",
     "ProcessFailureError",
+    "Residual",
+    "Sequential",
     "autodiff_value_and_grad",
     "backprop_trace",
     "cast_network",
     "check_gradients",
+    "clear_caches",
     "data_parallel_value_and_grad",
+    "dense",
     "dp_sgd_step",
     "dp_value_and_grad",
+    "dropout",
     "evaluate",
     "fit",
     "forward",
     "grad",
     "init_mlp",
+    "init_network",
+    "layer_norm",
     "load_checkpoint",
     "make_data_mesh",
     "make_optimizer",
@@ -49,6 +61,7 @@ __all__ = [
     "per_example_grad_norms",
     "per_example_grads",
     "register_activation",
+    "residual",
     "save_checkpoint",
     "value_and_grad",
 ]
