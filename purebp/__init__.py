@@ -2,7 +2,7 @@
 
 from purebp.activations import register_activation
 from purebp.backprop import BackpropTrace, backprop_trace, forward, grad, value_and_grad
-from purebp.check import GradientReport, autodiff_value_and_grad, check_gradients
+from purebp.check import GradientReport, LayerReport, autodiff_value_and_grad, check_gradients, check_layer
 from purebp.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from purebp.distributed import ProcessFailureError, data_parallel_value_and_grad, make_data_mesh
 from purebp.layers import Dense, Dropout, LayerNorm, Residual, dense, dropout, layer_norm, residual
@@ -32,6 +32,7 @@ __all__ = [
     "GradientReport",
     "Layer",
     "LayerNorm",
+    "LayerReport",
     "Network",
     "ProcessFailureError",
     "Residual",
@@ -40,6 +41,7 @@ __all__ = [
     "backprop_trace",
     "cast_network",
     "check_gradients",
+    "check_layer",
     "clear_caches",
     "data_parallel_value_and_grad",
     "dense",

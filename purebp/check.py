@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from purebp import backprop as _backprop
+from purebp import layers as _layers
 from purebp.network import AnyNetwork, Network
 
 Array = jax.Array
@@ -338,6 +339,157 @@ def _with_reference(leaves, net, x, y, loss, reduction, key, grads_h, grads_g, f
         for leaf, h, g in zip(leaves, h_r, g_r)
     )
     return leaves, np.dtype(reference_dtype).name
+
+
+# ---------------------------------------------------------------- one layer's backward vs autodiff of its forward
+
+BUILTIN_LAYERS = (_layers.Dense, _layers.Residual, _layers.LayerNorm, _layers.Dropout)
+INPUT_GRADIENT = "the input gradient dC/da"
+
+
+@dataclasses.dataclass(frozen=True)
+class PieceComparison:
+    """One piece of a layer's backward: its input gradient or one parameter field, hand-written h vs autodiff g."""
+
+    name: str  # INPUT_GRADIENT or "parameter 'w'" (the field's path inside the layer)
+    shape: tuple[int, ...]
+    max_abs_error: float
+    relative_error: float  # as LeafComparison's, the floor taken against all pieces together
+    passed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+    """What ``check_layer`` found; ``passed`` is True when every piece agrees, ``str()`` names the wrong ones."""
+
+    layer: str
+    dtype: str
+    tolerance: float
+    pieces: tuple[PieceComparison, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(piece.passed for piece in self.pieces)
+
+    @property
+    def failing(self) -> tuple[str, ...]:
+        """The names of the pieces that disagree, e.g. ("the input gradient dC/da", "parameter 'scale'")."""
+        return tuple(piece.name for piece in self.pieces if not piece.passed)
+
+    @property
+    def max_relative_error(self) -> float:
+        return max((piece.relative_error for piece in self.pieces), default=0.0)
+
+    def __str__(self) -> str:
+        width = max(len(piece.name) for piece in self.pieces)
+        lines = [f"check_layer: {self.layer} dtype={self.dtype}: backward vs autodiff of forward"]
+        for piece in self.pieces:
+            lines.append(
+                f"  {piece.name:<{width}} {piece.shape!s:>12} max abs {piece.max_abs_error:.2e} "
+                f"rel {piece.relative_error:.2e}  {'ok' if piece.passed else 'WRONG'}"
+            )
+        if self.passed:
+            lines.append(f"  PASS: max relative error {self.max_relative_error:.2e}, tolerance {self.tolerance:.0e}")
+        else:
+            lines.append(f"  FAIL, wrong: {'; '.join(self.failing)} (tolerance {self.tolerance:.0e})")
+        return "\n".join(lines)
+
+
+def check_layer(
+    layer: object, x: Array, key: Array | None = None, *, tolerance: float | None = None, seed: int = 0
+) -> LayerReport:
+    """Compare ``layer.backward`` with autodiff (``jax.vjp``) of ``layer.forward`` at input ``x``.
+
+    Runs ``out, cache = layer.forward(x, keys)`` (``keys``: one per example
+    from ``key``, as the engine passes them; None without a key), draws a
+    random dC/d(out) from ``seed``, and compares ``layer.backward(cache, g)``
+    with the vector-Jacobian product of the forward, piece by piece: the
+    input gradient and every parameter field, by name. Both jitted, at
+    highest matmul precision; the error measure and default tolerances are
+    ``check_gradients``' (float64: 1e-10 relative per piece). Raises
+    TypeError/ValueError when backward returns the wrong structure or shape.
+    """
+    x = jnp.asarray(x)
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"check_layer: x must be a non-empty batch, shape (N, ...), got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"check_layer: x must be a floating array, got dtype {x.dtype}")
+    if key is not None:
+        _backprop._check_key(key)
+    keys = None if key is None else _layers.example_keys(key, x.shape[0])
+    return _check_layer(layer, x, keys, tolerance, seed)
+
+
+def _check_layer(layer: object, x: Array, keys: Array | None, tolerance: float | None, seed: int) -> LayerReport:
+    if not (callable(getattr(layer, "forward", None)) and callable(getattr(layer, "backward", None))):
+        raise TypeError(
+            f"check_layer: expected a layer with forward(a, key=None) and backward(cache, g), got {layer!r}"
+        )
+    dtype = np.dtype(x.dtype)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(layer):
+        if getattr(leaf, "dtype", None) != dtype:
+            raise TypeError(
+                f"check_layer: parameter {jax.tree_util.keystr(path).lstrip('.')} of {layer!r} has dtype "
+                f"{getattr(leaf, 'dtype', type(leaf).__name__)}, x has {dtype}: use one dtype"
+            )
+    if tolerance is None:
+        tolerance = TOLERANCE.get(dtype, 1e-5)
+    floor = FLOOR.get(dtype, FLOOR[np.dtype("float32")])
+    out = jax.eval_shape(lambda layer, x, keys: layer.forward(x, keys)[0], layer, x, keys)
+    cotangent = jnp.asarray(np.random.default_rng(seed).standard_normal(out.shape), dtype=out.dtype)
+    with jax.default_matmul_precision("highest"):
+        grad_in, grads, auto_in, auto_grads = _layer_both_jit(layer, x, keys, cotangent)
+    if jax.tree.structure(grads) != jax.tree.structure(layer):
+        raise TypeError(
+            f"check_layer: {type(layer).__name__}.backward returned parameter gradients with structure "
+            f"{jax.tree.structure(grads)}; expected the layer's own, {jax.tree.structure(layer)} "
+            "(return a layer of the same type holding dC/d(each field))"
+        )
+    if getattr(grad_in, "shape", None) != x.shape:
+        raise ValueError(
+            f"check_layer: {type(layer).__name__}.backward returned an input gradient of shape "
+            f"{getattr(grad_in, 'shape', None)}; expected x's shape {x.shape}"
+        )
+    names = [INPUT_GRADIENT] + [
+        f"parameter {jax.tree_util.keystr(path).lstrip('.')!r}"
+        for path, _ in jax.tree_util.tree_leaves_with_path(layer)
+    ]
+    hands = [np.asarray(grad_in, np.float64)] + [np.asarray(g, np.float64) for g in jax.tree.leaves(grads)]
+    autos = [np.asarray(auto_in, np.float64)] + [np.asarray(g, np.float64) for g in jax.tree.leaves(auto_grads)]
+    total = math.sqrt(sum(float(np.sum(g * g)) for g in autos))
+    pieces = []
+    for name, h, g in zip(names, hands, autos):
+        difference = float(np.linalg.norm((h - g).ravel()))
+        scale = max(float(np.linalg.norm(g.ravel())), floor * total)
+        relative = 0.0 if difference == 0.0 else (difference / scale if scale > 0 else math.inf)
+        if not (np.all(np.isfinite(h)) and np.all(np.isfinite(g))):
+            relative = 0.0 if np.array_equal(h, g, equal_nan=True) else math.inf
+        max_abs = float(np.max(np.abs(h - g))) if h.size else 0.0
+        pieces.append(PieceComparison(name, h.shape, max_abs, relative, relative <= tolerance))
+    return LayerReport(layer=repr(layer), dtype=dtype.name, tolerance=tolerance, pieces=tuple(pieces))
+
+
+@jax.jit
+def _layer_both_jit(layer, x, keys, cotangent):
+    _, cache = layer.forward(x, keys)
+    grad_in, grads = layer.backward(cache, cotangent)
+    _, vjp = jax.vjp(lambda layer, x: layer.forward(x, keys)[0], layer, x)
+    auto_grads, auto_in = vjp(cotangent)
+    return grad_in, grads, auto_in, auto_grads
+
+
+def check_layers_of(net: AnyNetwork, x: Array, *, key: Array | None = None) -> tuple[LayerReport, ...]:
+    """``check_layer`` on every top-level layer of ``net`` that is not built in, at the input it gets from ``x``."""
+    if isinstance(net, Network):
+        return ()
+    keys = None if key is None else _layers.example_keys(key, x.shape[0])
+    outputs, _ = _backprop.forward_layers(net, x, key)
+    inputs = (x,) + outputs[:-1]
+    return tuple(
+        _check_layer(layer, inputs[index], _layers.layer_keys(keys, index), None, index)
+        for index, layer in enumerate(net.layers)
+        if not isinstance(layer, BUILTIN_LAYERS)
+    )
 
 
 def check_activation_derivative(

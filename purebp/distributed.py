@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from purebp import backprop as _backprop
+from purebp import programs as _programs
 from purebp.network import AnyNetwork
 
 Array = jax.Array
@@ -70,8 +71,12 @@ def validate_mesh(mesh: Mesh, axis: str, batch_size: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_value_and_grad(mesh: Mesh, axis: str, loss: str, reduction: str):
-    """One jitted program per (mesh, axis, loss, reduction); shapes are cached by jit itself."""
+def sharded_value_and_grad(mesh: Mesh, axis: str, loss: str, reduction: str) -> Callable:
+    """Return the jitted ``f(net, x, y, key=None) -> (L, grads)`` with the batch split over ``mesh``'s ``axis``.
+
+    Unchecked (``data_parallel_value_and_grad`` checks); one program per (mesh, axis, loss, reduction),
+    shapes cached by jit itself.
+    """
 
     # Across processes (gloo: one TCP all-reduce per array) one flattened buffer is several times
     # faster; within one process the all-reduce is a copy and flattening's concatenation costs more
@@ -104,6 +109,9 @@ def _sharded_value_and_grad(mesh: Mesh, axis: str, loss: str, reduction: str):
     return value_and_grad
 
 
+_programs.on_clear(sharded_value_and_grad.cache_clear)
+
+
 def data_parallel_value_and_grad(
     net: AnyNetwork,
     x: Array,
@@ -126,7 +134,7 @@ def data_parallel_value_and_grad(
     x, y = _backprop.coerce_inputs(net, x, y)
     _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
     validate_mesh(mesh, axis, x.shape[0])
-    return _sharded_value_and_grad(mesh, axis, loss, reduction)(net, x, y, key)
+    return sharded_value_and_grad(mesh, axis, loss, reduction)(net, x, y, key)
 
 
 def shard_batch(x: Array, mesh: Mesh, axis: str = DATA_AXIS) -> Array:

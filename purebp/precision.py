@@ -55,7 +55,7 @@ from purebp import backprop as _backprop
 from purebp.network import AnyNetwork, Network, Sequential, supported_dtype
 
 Array = jax.Array
-GradientFunction = Callable[[Network, Array, Array, str, str], tuple[Array, Network]]
+GradientFunction = Callable[..., tuple[Array, AnyNetwork]]
 
 
 def cast_network(net: Network, dtype: object) -> Network:
@@ -95,10 +95,12 @@ def mixed_value_and_grad(compute_dtype: object, *, loss_scale: float = 1.0) -> G
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"loss_scale must be a finite number > 0, got {loss_scale!r}")
 
-    def value_and_grad(net: Network, x: Array, y: Array, loss: str, reduction: str = "mean") -> tuple[Array, Network]:
+    def value_and_grad(
+        net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str = "mean", key: Array | None = None
+    ) -> tuple[Array, AnyNetwork]:
         _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
         _check_scaled_delta(compute, scale, x.shape[0], reduction)
-        return _mixed_value_and_grad_jit(net, x, y, loss, reduction, compute, scale)
+        return _mixed_value_and_grad_jit(net, x, y, loss, reduction, compute, scale, key)
 
     value_and_grad.__doc__ = f"(L, dL/dtheta) of the hand-written pass in {compute} (loss scale {scale:g})"
     return value_and_grad
@@ -120,12 +122,12 @@ def _check_scaled_delta(compute: str, loss_scale: float, n: int, reduction: str)
 
 
 @functools.partial(jax.jit, static_argnames=("loss", "reduction", "compute", "loss_scale"))
-def _mixed_value_and_grad_jit(net, x, y, loss, reduction, compute, loss_scale):
+def _mixed_value_and_grad_jit(net, x, y, loss, reduction, compute, loss_scale, key=None):
     master = net.dtype
     compute_net = cast_network(net, compute)
     x_c = x.astype(compute)
     y_c = y.astype(compute) if jnp.issubdtype(y.dtype, jnp.floating) else y
-    value, grads = _scaled_value_and_grad(compute_net, x_c, y_c, loss, reduction, loss_scale)
+    value, grads = _scaled_value_and_grad(compute_net, x_c, y_c, loss, reduction, loss_scale, key)
     if loss_scale == 1.0:
         grads = cast_network(grads, master)
     else:  # unscale in the master dtype, where g / S neither underflows nor overflows
@@ -133,9 +135,11 @@ def _mixed_value_and_grad_jit(net, x, y, loss, reduction, compute, loss_scale):
     return value.astype(master), grads
 
 
-def _scaled_value_and_grad(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, loss_scale: float):
+def _scaled_value_and_grad(
+    net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, loss_scale: float, key: Array | None = None
+):
     """(L, S dL/dtheta): purebp.value_and_grad's pass, built from the public passes, with delta^L times S."""
-    output, caches = _backprop.forward_pass(net, x)
+    output, caches = _backprop.forward_pass(net, x, key)
     value, delta = _backprop.loss_and_output_delta(net, output, caches, y, loss=loss, reduction=reduction)
     # (BP1) delta^L times S; every layer's backward is linear in what it receives, so every gradient is S dL/dtheta
     grads, _ = _backprop.backward_pass(net, caches, loss_scale * delta)

@@ -39,23 +39,30 @@ from purebp import check as _check
 from purebp import losses as _losses
 from purebp import precision as _precision
 from purebp import programs
-from purebp.network import Network, validate_network
+from purebp.layers import Dropout
+from purebp.network import AnyNetwork, Network, Sequential, validate_network, validate_sequential
 
 Array = jax.Array
 Batch = tuple[Array, Array]
 GRADIENTS = ("handwritten", "autodiff")
 VERIFY_BATCH = 16  # examples used by the pre-training gradient check
+# fold_in constants that separate fit's key streams: epoch e shuffles with fold_in(key, e) (as before
+# dropout existed); its step i draws dropout masks from fold_in(fold_in(fold_in(key, e), DROPOUT_STREAM), i)
+DROPOUT_STREAM = 0x0D50
+VERIFY_STREAM = 0x0C4E
 
 
 class GradientMismatchError(ValueError):
     """The hand-written gradient disagrees with jax.grad: ``fit`` refuses to train. ``report`` says where."""
 
-    def __init__(self, report: _check.GradientReport):
+    def __init__(self, report: _check.GradientReport, layer_reports: tuple = ()):
+        failing = "".join(f"\n{layer_report}" for layer_report in layer_reports if not layer_report.passed)
         super().__init__(
             "refusing to train: the hand-written gradient disagrees with jax.grad on this architecture "
-            f"(pass verify=False to train anyway)\n{report}"
+            f"(pass verify=False to train anyway)\n{report}{failing}"
         )
         self.report = report
+        self.layer_reports = tuple(layer_reports)
 
 
 class DivergenceError(FloatingPointError):
@@ -78,12 +85,12 @@ class DivergenceError(FloatingPointError):
 
 
 def _gradient_function(gradient: str) -> Callable:
-    # both are jitted (loss, grads) functions of (net, x, y, loss, reduction);
+    # both are jitted (loss, grads) functions of (net, x, y, loss, reduction, key=None);
     # called inside another jit they inline, with no eager validation per step
     if gradient == "handwritten":
-        return _backprop._value_and_grad_jit
+        return _backprop.compiled_value_and_grad
     if gradient == "autodiff":
-        return _check._autodiff_value_and_grad_jit
+        return _check.compiled_autodiff_value_and_grad
     raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
 
 
@@ -95,8 +102,10 @@ def make_train_step(
     gradient: str = "handwritten",
     mesh: jax.sharding.Mesh | None = None,
     compute_dtype: str | None = None,
-) -> Callable[[Network, Any, Batch], tuple[Network, Any, dict[str, Array]]]:
-    """Return the pure step ``(net, opt_state, (x, y)) -> (new_net, new_opt_state, {"loss": L})``.
+) -> Callable[..., tuple[AnyNetwork, Any, dict[str, Array]]]:
+    """Return the pure step ``(net, opt_state, (x, y), key=None) -> (new_net, new_opt_state, {"loss": L})``.
+
+    ``key`` draws the step's dropout masks (None: dropout off).
 
     L is the loss at ``net`` (before the update); the update is
     ``optax.apply_updates(net, optimizer.update(grads, opt_state, net))``, so
@@ -121,9 +130,9 @@ def make_train_step(
     if compute_dtype is not None:
         value_and_grad = _mixed_gradient(compute_dtype, gradient, mesh)
 
-    def train_step(net: Network, opt_state: Any, batch: Batch):
+    def train_step(net: AnyNetwork, opt_state: Any, batch: Batch, key: Array | None = None):
         x, y = batch
-        value, grads = value_and_grad(net, x, y, loss, reduction)
+        value, grads = value_and_grad(net, x, y, loss, reduction, key)
         # optax mixes Python scalars with int32 counters (Adam's bias correction):
         # give it the standard promotion rules even when the caller runs strict ones
         with jax.numpy_dtype_promotion("standard"):
@@ -152,8 +161,8 @@ def _check_mesh_gradient(gradient: str) -> None:
 def _data_parallel_gradient(mesh: jax.sharding.Mesh) -> Callable:
     from purebp import distributed
 
-    def value_and_grad(net: Network, x: Array, y: Array, loss: str, reduction: str):
-        return distributed._sharded_value_and_grad(mesh, distributed.DATA_AXIS, loss, reduction)(net, x, y)
+    def value_and_grad(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None):
+        return distributed.sharded_value_and_grad(mesh, distributed.DATA_AXIS, loss, reduction)(net, x, y, key)
 
     return value_and_grad
 
@@ -193,6 +202,7 @@ def run_epoch(
     mesh: jax.sharding.Mesh | None = None,
     start: int | Array = 0,
     compute_dtype: str | None = None,
+    dropout_key: Array | None = None,
 ) -> tuple[EpochState, Array]:
     """Run ``num_batches`` steps from ``state`` as one ``lax.scan``; return (final ``EpochState``, per-step losses).
 
@@ -204,7 +214,9 @@ def run_epoch(
     gradient is data-parallel over its "data" axis (``batch_size`` must divide
     by its size; ``fit`` checks); ``fit`` itself uses ``run_sharded_epoch``,
     which also works across processes. ``compute_dtype`` makes each step mixed
-    precision (``make_train_step``).
+    precision (``make_train_step``). With ``dropout_key``, step i draws its
+    dropout masks from ``fold_in(dropout_key, start + i)``, so a cut epoch's
+    rest draws what the whole epoch would have drawn.
 
     The compiled program is keyed on ``programs.program_key(optimizer.update)``,
     not on the optimizer object: a new optax object that computes the same thing
@@ -216,6 +228,7 @@ def run_epoch(
         x,
         y,
         jnp.asarray(start, dtype=jnp.int32),
+        dropout_key,
         update=programs.Static(optimizer.update),
         loss=loss,
         reduction=reduction,
@@ -243,8 +256,8 @@ def _with_update(update: programs.Static) -> optax.GradientTransformation:
     ),
 )  # fmt: skip
 def _run_epoch_jit(
-    state, key, x, y, start, *, update, loss, reduction, gradient, batch_size, num_batches, shuffle, mesh,
-    compute_dtype,
+    state, key, x, y, start, dropout_key, *, update, loss, reduction, gradient, batch_size, num_batches, shuffle,
+    mesh, compute_dtype,
 ):  # fmt: skip
     step = make_train_step(
         _with_update(update), loss=loss, reduction=reduction, gradient=gradient, mesh=mesh, compute_dtype=compute_dtype
@@ -253,7 +266,15 @@ def _run_epoch_jit(
     order = jax.random.permutation(key, n) if shuffle else jnp.arange(n)
     used = jax.lax.dynamic_slice_in_dim(order, start * batch_size, num_batches * batch_size)
     batches = used.reshape(num_batches, batch_size)
-    return _guarded_scan(step, state, batches, lambda indices: (x[indices], y[indices]))
+    step_keys = step_dropout_keys(dropout_key, start, num_batches)
+    return _guarded_scan(step, state, batches, lambda indices: (x[indices], y[indices]), step_keys)
+
+
+def step_dropout_keys(dropout_key: Array | None, start: int | Array, count: int) -> Array | None:
+    """One key per step, ``fold_in(dropout_key, start + i)`` for i < count; None without a dropout key."""
+    if dropout_key is None:
+        return None
+    return jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(start + jnp.arange(count, dtype=jnp.int32))
 
 
 def run_sharded_epoch(
@@ -265,8 +286,11 @@ def run_sharded_epoch(
     loss: str,
     reduction: str,
     mesh: jax.sharding.Mesh,
+    step_keys: Array | None = None,
 ) -> tuple[EpochState, Array]:
     """``run_epoch`` on batches already cut and placed: ``x_batches`` is (num_steps, batch_size, n_in).
+
+    ``step_keys`` (num_steps,) draw each step's dropout masks (``step_dropout_keys``).
 
     The batches are global arrays split over the mesh's "data" axis along
     dimension 1 (``purebp.distributed.shard_epoch``: in a multi-process run each
@@ -277,6 +301,7 @@ def run_sharded_epoch(
         state,
         x_batches,
         y_batches,
+        step_keys,
         update=programs.Static(optimizer.update),
         loss=loss,
         reduction=reduction,
@@ -285,16 +310,19 @@ def run_sharded_epoch(
 
 
 @functools.partial(jax.jit, static_argnames=("update", "loss", "reduction", "mesh"))
-def _run_sharded_epoch_jit(state, x_batches, y_batches, *, update, loss, reduction, mesh):
+def _run_sharded_epoch_jit(state, x_batches, y_batches, step_keys, *, update, loss, reduction, mesh):
     step = make_train_step(_with_update(update), loss=loss, reduction=reduction, mesh=mesh)
-    return _guarded_scan(step, state, (x_batches, y_batches), lambda batch: batch)
+    return _guarded_scan(step, state, (x_batches, y_batches), lambda batch: batch, step_keys)
 
 
-def _guarded_scan(step: Callable, state: EpochState, scanned: Any, get_batch: Callable) -> tuple[EpochState, Array]:
+def _guarded_scan(
+    step: Callable, state: EpochState, scanned: Any, get_batch: Callable, step_keys: Array | None = None
+) -> tuple[EpochState, Array]:
     """Scan ``step`` over the leading axis of ``scanned``, stopping (NaN losses) after the first non-finite loss."""
 
-    def live(state: EpochState, index: Array, indices: Array) -> tuple[EpochState, Array]:
-        new_net, new_opt_state, metrics = step(state.net, state.opt_state, get_batch(indices))
+    def live(state: EpochState, index: Array, item: tuple) -> tuple[EpochState, Array]:
+        indices, step_key = item
+        new_net, new_opt_state, metrics = step(state.net, state.opt_state, get_batch(indices), step_key)
         finite = jnp.isfinite(metrics["loss"])
         keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
         # finite loss: previous <- current, current <- updated; otherwise stop where we are
@@ -306,15 +334,15 @@ def _guarded_scan(step: Callable, state: EpochState, scanned: Any, get_batch: Ca
             bad_step=jnp.where(finite, state.bad_step, index),
         ), metrics["loss"]
 
-    def skipped(state: EpochState, index: Array, indices: Array) -> tuple[EpochState, Array]:
+    def skipped(state: EpochState, index: Array, item: tuple) -> tuple[EpochState, Array]:
         return state, jnp.full((), jnp.nan, dtype=jax.tree.leaves(state.net)[0].dtype)
 
-    def body(state: EpochState, scanned: tuple[Array, Array]) -> tuple[EpochState, Array]:
-        index, indices = scanned
-        return jax.lax.cond(state.bad_step >= 0, skipped, live, state, index, indices)
+    def body(state: EpochState, scanned: tuple) -> tuple[EpochState, Array]:
+        index, item = scanned
+        return jax.lax.cond(state.bad_step >= 0, skipped, live, state, index, item)
 
     steps = jnp.arange(jax.tree.leaves(scanned)[0].shape[0], dtype=jnp.int32)
-    return jax.lax.scan(body, state, (steps, scanned))
+    return jax.lax.scan(body, state, (steps, (scanned, step_keys)))
 
 
 def initial_state(net: Network, opt_state: Any) -> EpochState:
@@ -326,10 +354,9 @@ def initial_state(net: Network, opt_state: Any) -> EpochState:
 
 
 @functools.partial(jax.jit, static_argnames=("loss", "reduction"))
-def _evaluate_jit(net: Network, x: Array, y: Array, loss: str, reduction: str) -> tuple[Array, Array]:
-    pre_activation, activation = _backprop.forward_pass(net, x)[-1]
-    target = _losses.dense_targets(y, net.layers[-1].w.shape[0], activation.dtype)
-    cost = _losses.per_example_cost(pre_activation, activation, target, loss)
+def _evaluate_jit(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str) -> tuple[Array, Array]:
+    activation, caches = _backprop.forward_pass(net, x)  # no key: inference, dropout off
+    cost = _backprop.output_cost(net, activation, caches, y, loss=loss)
     value = jnp.mean(cost) if reduction == "mean" else jnp.sum(cost)
     labels = y if y.ndim == 1 else jnp.argmax(y, axis=-1)
     predicted = jnp.argmax(activation, axis=-1).astype(labels.dtype)  # int64 under x64, labels may be int32
@@ -504,6 +531,7 @@ class _Run:
     stop: Callable[[], bool] | None
     log: Callable[[str], None]
     compute_dtype: str | None
+    random_layers: bool = False  # a Sequential trained with a key: its layers get per-step keys (dropout)
 
 
 def fit(
@@ -625,7 +653,10 @@ def _validate_fit(
     checkpoint, checkpoint_every, resume, callback, mesh, stop, log, compute_dtype,
 ) -> _Run:  # fmt: skip
     """Check every argument of ``fit`` (and the data's values) before anything compiles; return a ``_Run``."""
-    validate_network(net)
+    if isinstance(net, Sequential):
+        validate_sequential(net)
+    else:
+        validate_network(net)
     x, y = _split_pair("train", train)
     x, y = _backprop.coerce_inputs(net, x, y)
     _backprop.check_finite("the training data", x=x, y=y)  # first: a NaN label is not a bad label
@@ -644,6 +675,11 @@ def _validate_fit(
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
     key = None if key is None else _validate_key(key)
+    if key is None and has_dropout(net):
+        raise ValueError(
+            "the network has dropout, whose masks are drawn from a key: pass key=jax.random.key(seed) "
+            "(to train without dropout, use rate 0)"
+        )
     schedule = make_schedule(int(x.shape[0]), batch_size, epochs, steps, key)
     if mesh is not None:
         from purebp import distributed
@@ -679,6 +715,7 @@ def _validate_fit(
         optimizer=optimizer,
         schedule=schedule,
         key=jax.random.key(0) if key is None else key,  # full batch: never used for shuffling
+        random_layers=isinstance(net, Sequential) and key is not None,
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
         callback=callback,
@@ -689,11 +726,24 @@ def _validate_fit(
     )
 
 
-def _run_config(net: Network, run: _Run, opt_state: Any, settings: dict | None) -> dict:
+def has_dropout(net: AnyNetwork) -> bool:
+    """True if ``net`` holds a ``Dropout`` layer with a nonzero rate (at any depth)."""
+    if isinstance(net, Network):
+        return False
+    leaves = jax.tree.leaves(net, is_leaf=lambda node: isinstance(node, Dropout))
+    return any(isinstance(leaf, Dropout) and leaf.rate > 0 for leaf in leaves)
+
+
+def _architecture(net: AnyNetwork) -> dict:
+    if isinstance(net, Network):
+        return {"sizes": list(net.sizes), "activations": list(net.activations)}
+    return {"architecture": repr(net), "structure": str(jax.tree.structure(net))}
+
+
+def _run_config(net: AnyNetwork, run: _Run, opt_state: Any, settings: dict | None) -> dict:
     """The settings that shape the trajectory, as JSON values: saved in checkpoints, compared on resume."""
     config = {
-        "sizes": list(net.sizes),
-        "activations": list(net.activations),
+        **_architecture(net),
         "dtype": str(net.dtype),
         "loss": run.loss,
         "reduction": run.reduction,
@@ -778,11 +828,15 @@ def _check_resumable(saved: Any, config: dict, run: _Run) -> None:
         )
 
 
-def _verify(run: _Run, net: Network) -> None:
+def _verify(run: _Run, net: AnyNetwork) -> None:
     count = min(VERIFY_BATCH, int(run.x.shape[0]))
-    report = _check.check_gradients(net, run.x[:count], run.y[:count], loss=run.loss, reduction=run.reduction)
+    # training mode when the layers get keys: dropout's backward is checked with its masks on
+    key = jax.random.fold_in(run.key, VERIFY_STREAM) if run.random_layers else None
+    x, y = run.x[:count], run.y[:count]
+    report = _check.check_gradients(net, x, y, loss=run.loss, reduction=run.reduction, key=key)
     if not report.passed:
-        raise GradientMismatchError(report)
+        layer_reports = _check.check_layers_of(net, x, key=key) if isinstance(net, Sequential) else ()
+        raise GradientMismatchError(report, layer_reports)
     run.log(
         f"gradient check passed: hand-written vs JAX autodiff on {count} training examples, max relative error "
         f"{report.max_relative_error:.1e} (tolerance {report.tolerance:.0e})"
@@ -804,12 +858,14 @@ def _train(run: _Run, net: Network, opt_state: Any, start: int, history: dict, c
     chunks = schedule.chunks(start)
     for index, (epoch, offset, count) in enumerate(chunks):
         epoch_key = jax.random.fold_in(run.key, epoch)
+        dropout_key = jax.random.fold_in(epoch_key, DROPOUT_STREAM) if run.random_layers else None
         steps_before = epoch * schedule.steps_per_epoch + offset
         options = dict(loss=run.loss, reduction=run.reduction, optimizer=run.optimizer)
         if run.mesh is None:
             state, step_losses = run_epoch(
                 state, epoch_key, run.x, run.y, gradient=run.gradient, batch_size=schedule.batch_size,
-                num_batches=count, shuffle=schedule.shuffle, start=offset, compute_dtype=run.compute_dtype, **options,
+                num_batches=count, shuffle=schedule.shuffle, start=offset, compute_dtype=run.compute_dtype,
+                dropout_key=dropout_key, **options,
             )  # fmt: skip
             bad_step, mean_loss = int(state.bad_step), float(jnp.mean(step_losses))
             local_state = state
@@ -822,7 +878,10 @@ def _train(run: _Run, net: Network, opt_state: Any, start: int, history: dict, c
                 x_batches, y_batches = distributed.shard_epoch(
                     x_host, y_host, order, count, schedule.batch_size, run.mesh
                 )
-                state, step_losses = run_sharded_epoch(state, x_batches, y_batches, mesh=run.mesh, **options)
+                step_keys = step_dropout_keys(dropout_key, offset, count)
+                state, step_losses = run_sharded_epoch(
+                    state, x_batches, y_batches, mesh=run.mesh, step_keys=step_keys, **options
+                )
                 bad_step, mean_loss = int(state.bad_step), float(jnp.mean(distributed.to_local(step_losses)))
                 local_state = distributed.to_local(state)
         if bad_step >= 0:

@@ -29,7 +29,7 @@ def output_shape(layer: object, input_shape: tuple[int, ...], dtype: np.dtype | 
     leaves = [leaf for leaf in jax.tree.leaves(layer) if hasattr(leaf, "dtype")]
     dtype = dtype or (leaves[0].dtype if leaves else np.dtype("float32"))
     spec = jax.ShapeDtypeStruct((1,) + tuple(input_shape), dtype)
-    out = jax.eval_shape(lambda a: layer.forward(a)[0], spec)
+    out = jax.eval_shape(lambda layer, a: layer.forward(a)[0], layer, spec)  # parameters may be shape structs
     return tuple(out.shape[1:])
 
 
