@@ -167,17 +167,18 @@ class GradientReport:
     def __str__(self) -> str:
         ref = self.reference_dtype
         network = self.architecture or f"sizes={self.sizes} activations={self.activations}"
+        width = max([5] + [len(leaf.parameter) for leaf in self.leaves])
         lines = [
             f"check_gradients: {network} loss={self.loss_name} reduction={self.reduction} dtype={self.dtype}",
             f"  loss: handwritten={self.loss_handwritten:.17g} autodiff={self.loss_autodiff:.17g} "
             f"rel={self.loss_relative_error:.2e}",
-            f"  {'layer':>5} {'param':>5} {'shape':>12} {'max abs':>10} {'rel':>10}  ok"
+            f"  {'layer':>5} {'param':>{width}} {'shape':>12} {'max abs':>10} {'rel':>10}  ok"
             + (f" {'hand vs ' + ref:>16} {'autodiff vs ' + ref:>20}" if ref else ""),
         ]
         for leaf in self.leaves:
             ok = "yes" if leaf.passed else "NO"
             lines.append(
-                f"  {leaf.layer:>5} {leaf.parameter:>5} {leaf.shape!s:>12} "
+                f"  {leaf.layer:>5} {leaf.parameter:>{width}} {leaf.shape!s:>12} "
                 f"{leaf.max_abs_error:>10.2e} {leaf.relative_error:>10.2e}  "
                 + (f"{ok:<3} {leaf.handwritten_vs_reference:>16.2e} {leaf.autodiff_vs_reference:>20.2e}" if ref else ok)
             )

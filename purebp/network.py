@@ -22,7 +22,7 @@ import numpy as np
 
 from purebp import activations as _activations
 from purebp.layers import Dense
-from purebp.layers.dense import HE_ACTIVATIONS
+from purebp.layers.dense import HE_ACTIVATIONS, init_dense
 from purebp.layers.shapes import init_stack, is_layer, output_shape
 
 
@@ -130,15 +130,10 @@ def init_mlp(
 def _init_layers(key, sizes, activations, dtype) -> tuple[Layer, ...]:
     # one compile per architecture instead of one eager random kernel per layer
     keys = jax.random.split(key, len(sizes) - 1)
-    layers = []
-    for layer_key, n_in, n_out, name in zip(keys, sizes[:-1], sizes[1:], activations):
-        # He: Var W = 2 / n_in; Glorot: Var W = 2 / (n_in + n_out)
-        scale = (2.0 / n_in) ** 0.5 if name in HE_ACTIVATIONS else (2.0 / (n_in + n_out)) ** 0.5
-        # 16-bit: draw in float32, round once (see init_mlp); float32/float64 draw in their own dtype
-        draw = dtype if dtype.itemsize >= 4 else np.dtype("float32")
-        w = (scale * jax.random.normal(layer_key, (n_out, n_in), dtype=draw)).astype(dtype)
-        layers.append(Layer(w=w, b=jnp.zeros((n_out,), dtype=dtype)))
-    return tuple(layers)
+    return tuple(
+        Layer(*init_dense(layer_key, n_in, n_out, name, dtype))
+        for layer_key, n_in, n_out, name in zip(keys, sizes[:-1], sizes[1:], activations)
+    )
 
 
 def validate_architecture(sizes: Sequence[int], activations: Sequence[str]) -> None:
@@ -208,7 +203,7 @@ class Sequential:
     """
 
     layers: tuple
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
 
     @property
     def dtype(self) -> np.dtype | None:
@@ -231,7 +226,7 @@ class Sequential:
             return f"Sequential(layers={self.layers!r})"
 
 
-jax.tree_util.register_dataclass(Sequential, data_fields=["layers"], meta_fields=["input_shape"])
+jax.tree_util.register_dataclass(Sequential)  # the layers' leaves; input_shape static
 
 AnyNetwork = Network | Sequential
 

@@ -1,4 +1,4 @@
-"""The README's "Use it from Python" example runs as written (fresh process: default JAX settings)."""
+"""The README's examples run as written (fresh process: default JAX settings)."""
 
 import re
 import subprocess
@@ -19,3 +19,18 @@ def test_use_it_from_python_example_runs():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "PASS" in result.stdout  # the printed check_gradients report
+
+
+def test_layers_example_runs():
+    """The residual + layer norm + dropout network: gradient check passes, fit trains, evaluate runs."""
+    code = python_block_after("## Layers: residual, layer norm, dropout, your own")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "PASS" in result.stdout and "'accuracy'" in result.stdout
+
+
+def test_custom_layer_example_runs():
+    code = python_block_after("### Your own layer")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "PASS" in result.stdout

@@ -8,6 +8,7 @@ the batch are sums over axis 0.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -37,7 +38,7 @@ class Dense:
 
     w: Array
     b: Array
-    activation: str = "identity"
+    activation: str = dataclasses.field(default="identity", metadata={"static": True})
 
     def forward(self, a: Array, key: Array | None = None) -> tuple[Array, DenseCache]:
         pre_activation = a @ self.w.T + self.b[None, :]  # z^l = W^l a^{l-1} + b^l
@@ -95,7 +96,7 @@ class Dense:
         return f"Dense({self.w.shape[0]}, {self.activation!r})" if hasattr(self.w, "shape") else "Dense(...)"
 
 
-jax.tree_util.register_dataclass(Dense, data_fields=["w", "b"], meta_fields=["activation"])
+jax.tree_util.register_dataclass(Dense)  # w, b leaves; activation static (its field metadata)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,12 +113,22 @@ class DenseInit:
                 f"dense({self.n_out}) takes inputs of shape (N, n_in) but receives per-example shape "
                 f"{tuple(input_shape)}: flatten it first"
             )
-        n_in = input_shape[0]
-        scale = (2.0 / n_in) ** 0.5 if self.activation in HE_ACTIVATIONS else (2.0 / (n_in + self.n_out)) ** 0.5
-        # 16-bit: draw in float32 and round once (a normal drawn in bfloat16 has 128 distinct values)
-        draw = dtype if dtype.itemsize >= 4 else np.dtype("float32")
-        w = (scale * jax.random.normal(key, (self.n_out, n_in), dtype=draw)).astype(dtype)
-        return Dense(w, jnp.zeros((self.n_out,), dtype=dtype), self.activation)
+        w, b = init_dense(key, int(input_shape[0]), self.n_out, self.activation, np.dtype(dtype))
+        return Dense(w, b, self.activation)
+
+
+@functools.partial(jax.jit, static_argnames=("n_in", "n_out", "activation", "dtype"))
+def init_dense(key: Array, n_in: int, n_out: int, activation: str, dtype: np.dtype) -> tuple[Array, Array]:
+    """(W, b) for one dense layer: W ~ N(0, s^2) by the He/Glorot rule for ``activation``, b = 0.
+
+    Jitted, as ``init_mlp``'s draw is, so that both give the same bits for the same key.
+    """
+    # He: Var W = 2 / n_in; Glorot: Var W = 2 / (n_in + n_out)
+    scale = (2.0 / n_in) ** 0.5 if activation in HE_ACTIVATIONS else (2.0 / (n_in + n_out)) ** 0.5
+    # 16-bit: draw in float32 and round once (a normal drawn in bfloat16 has 128 distinct values)
+    draw = dtype if dtype.itemsize >= 4 else np.dtype("float32")
+    w = (scale * jax.random.normal(key, (n_out, n_in), dtype=draw)).astype(dtype)
+    return w, jnp.zeros((n_out,), dtype=dtype)
 
 
 def dense(n_out: int, activation: str = "identity") -> DenseInit:

@@ -18,7 +18,7 @@ Array = jax.Array
 class Dropout:
     """Drop each input with probability ``rate`` (static) while training; identity without a key."""
 
-    rate: float
+    rate: float = dataclasses.field(metadata={"static": True})
 
     def forward(self, a: Array, key: Array | None = None) -> tuple[Array, Array | None]:
         if key is None or self.rate == 0.0:
@@ -43,7 +43,7 @@ class Dropout:
         return f"Dropout({self.rate})"
 
 
-jax.tree_util.register_dataclass(Dropout, data_fields=[], meta_fields=["rate"])
+jax.tree_util.register_dataclass(Dropout)  # no leaves; rate static
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,7 @@ class LayerNorm:
 
     scale: Array
     offset: Array
-    eps: float = 1e-5
+    eps: float = dataclasses.field(default=1e-5, metadata={"static": True})
 
     def forward(self, a: Array, key: Array | None = None) -> tuple[Array, LayerNormCache]:
         centered = a - jnp.mean(a, axis=-1, keepdims=True)  # a - mu
@@ -80,7 +80,7 @@ class LayerNorm:
         return f"LayerNorm(eps={self.eps})"
 
 
-jax.tree_util.register_dataclass(LayerNorm, data_fields=["scale", "offset"], meta_fields=["eps"])
+jax.tree_util.register_dataclass(LayerNorm)  # scale, offset leaves; eps static
 
 
 @dataclasses.dataclass(frozen=True)

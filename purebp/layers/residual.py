@@ -74,7 +74,7 @@ class Residual:
         return f"Residual({', '.join(map(repr, self.layers))})"
 
 
-jax.tree_util.register_dataclass(Residual, data_fields=["layers"], meta_fields=[])
+jax.tree_util.register_dataclass(Residual)  # the body layers' leaves
 
 
 @dataclasses.dataclass(frozen=True)
