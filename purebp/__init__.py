@@ -1,6 +1,5 @@
 """purebp: backpropagation written by hand from the delta equations, proven equal to jax.grad."""
 
-from purebp.activations import register_activation
 from purebp.backprop import BackpropTrace, backprop_trace, forward, grad, value_and_grad
 from purebp.check import GradientReport, autodiff_value_and_grad, check_gradients
 from purebp.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
@@ -8,6 +7,8 @@ from purebp.distributed import ProcessFailureError, data_parallel_value_and_grad
 from purebp.network import Layer, Network, init_mlp
 from purebp.per_example import dp_sgd_step, dp_value_and_grad, per_example_grad_norms, per_example_grads
 from purebp.precision import cast_network, mixed_value_and_grad
+from purebp.programs import clear_caches
+from purebp.registry import register_activation, register_loss
 from purebp.training import (
     DivergenceError,
     GradientMismatchError,
@@ -33,6 +34,7 @@ __all__ = [
     "backprop_trace",
     "cast_network",
     "check_gradients",
+    "clear_caches",
     "data_parallel_value_and_grad",
     "dp_sgd_step",
     "dp_value_and_grad",
@@ -49,6 +51,7 @@ __all__ = [
     "per_example_grad_norms",
     "per_example_grads",
     "register_activation",
+    "register_loss",
     "save_checkpoint",
     "value_and_grad",
 ]
