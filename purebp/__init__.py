@@ -1,6 +1,5 @@
 """purebp: backpropagation written by hand from the delta equations, proven equal to jax.grad."""
 
-from purebp.activations import register_activation
 from purebp.backprop import BackpropTrace, backprop_trace, forward, grad, value_and_grad
 from purebp.check import GradientReport, LayerReport, autodiff_value_and_grad, check_gradients, check_layer
 from purebp.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
@@ -10,6 +9,7 @@ from purebp.network import Layer, Network, Sequential, init_mlp, init_network
 from purebp.per_example import dp_sgd_step, dp_value_and_grad, per_example_grad_norms, per_example_grads
 from purebp.precision import cast_network, mixed_value_and_grad
 from purebp.programs import clear_caches
+from purebp.registry import register_activation, register_loss
 from purebp.training import (
     DivergenceError,
     GradientMismatchError,
@@ -63,6 +63,7 @@ __all__ = [
     "per_example_grad_norms",
     "per_example_grads",
     "register_activation",
+    "register_loss",
     "residual",
     "save_checkpoint",
     "value_and_grad",

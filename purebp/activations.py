@@ -12,6 +12,9 @@ dC/dz = a (.) (dC/da - <dC/da, a>), and it is allowed on the output layer only.
 
 None of these use ``jax.nn`` helpers that carry a ``custom_jvp`` (softmax,
 softplus via logaddexp): the library's forward pass is plain jnp.
+
+Register your own with ``purebp.register_activation`` (purebp/registry.py),
+which checks G' against autodiff before it enters this table.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import erf
+
+from purebp import programs as _programs
 
 Array = jax.Array
 
@@ -146,31 +151,21 @@ def get(name: str) -> Activation:
         raise ValueError(f"unknown activation {name!r}; valid names: {', '.join(names())}") from None
 
 
-def register_activation(
-    name: str,
-    forward: Callable[[Array], Array],
-    derivative: Callable[[Array], Array],
-    *,
-    overwrite: bool = False,
-) -> Activation:
-    """Register an elementwise activation ``G = forward`` with ``G' = derivative``.
+def install(activation: Activation, *, overwrite: bool = False) -> None:
+    """Put ``activation`` in the table under ``activation.name``, unchecked.
 
-    ``derivative(z)`` must return G'(z) elementwise. Before it is accepted it is
-    compared with ``jax.grad(forward)`` at sample points in [-6, 6] (see
-    ``purebp.check.check_activation_derivative``); a wrong derivative raises
-    ValueError naming the worst point. Returns the registered ``Activation``.
+    ``purebp.register_activation`` checks G' against autodiff first, then calls
+    this: use that. A built-in cannot be replaced; another name needs
+    ``overwrite=True``, and replacing it clears every compiled program
+    (``purebp.programs.clear_caches``), since programs traced for the old
+    registration key on the same name.
     """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"an activation name must be a non-empty string, got {name!r}")
+    name = activation.name
     if name in BUILTIN_NAMES:
         raise ValueError(f"{name!r} is a built-in activation and cannot be replaced")
-    if name in _REGISTRY and not overwrite:
+    replacing = name in _REGISTRY
+    if replacing and not overwrite:
         raise ValueError(f"activation {name!r} is already registered; pass overwrite=True to replace it")
-    if not callable(forward) or not callable(derivative):
-        raise TypeError("forward and derivative must both be callables of one array")
-    from purebp.check import check_activation_derivative  # check imports this module
-
-    check_activation_derivative(name, forward, derivative)
-    activation = Activation(name, forward, lambda z, a: derivative(z))
     _REGISTRY[name] = activation
-    return activation
+    if replacing:
+        _programs.clear_caches()

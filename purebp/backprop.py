@@ -464,7 +464,7 @@ def _validate_structure(structure, param_signature, x_signature, y_signature, lo
     if y_signature is None:
         return n_out
     if loss is None:
-        raise ValueError(f"a loss name is needed with targets; valid losses: {', '.join(_losses.LOSSES)}")
+        raise ValueError(f"a loss name is needed with targets; valid losses: {', '.join(_losses.names())}")
     if len(output_shape) != 1:
         raise ValueError(
             f"a cost takes outputs of shape (N, n_out), but the network's outputs have per-example shape "
@@ -482,7 +482,7 @@ def _validate_structure(structure, param_signature, x_signature, y_signature, lo
     y_shape, y_dtype = y_signature
     if len(y_shape) == 0 or y_shape[0] != x_shape[0]:
         raise ValueError(f"x has a batch of {x_shape[0]} examples but y has shape {y_shape}")
-    if loss in _losses.CLASSIFICATION_LOSSES:
+    if _losses.get(loss).classification:
         if len(y_shape) == 1:
             if not jnp.issubdtype(y_dtype, jnp.integer) or y_dtype == np.bool_:
                 raise TypeError(
@@ -506,7 +506,8 @@ _programs.on_clear(_validate_structure.cache_clear)
 def _validate_target_values(y: np.ndarray, loss: str, n_out: int) -> None:
     if y.size == 0:
         return
-    if loss in _losses.CLASSIFICATION_LOSSES and np.issubdtype(y.dtype, np.integer):
+    table = _losses.get(loss)
+    if table.classification and np.issubdtype(y.dtype, np.integer):
         if y.min() >= 0 and y.max() < n_out:  # two reductions: the common case stays cheap
             return
         bad = np.flatnonzero((y < 0) | (y >= n_out))
@@ -515,10 +516,10 @@ def _validate_target_values(y: np.ndarray, loss: str, n_out: int) -> None:
                 f"class label {y[bad[0]]} at index {bad[0]} is outside [0, {n_out}) "
                 f"({bad.size} labels out of range); the network has {n_out} outputs"
             )
-    elif loss in _losses.CLASSIFICATION_LOSSES:  # one-hot or soft labels: probabilities
+    elif table.classification:  # one-hot or soft labels: probabilities
         _check_unit_interval(y, f"{loss} targets given as one-hot or soft labels")
-    elif loss == "binary_cross_entropy":
-        _check_unit_interval(y, "binary_cross_entropy targets")
+    elif table.targets_in_unit_interval:
+        _check_unit_interval(y, f"{loss} targets")
 
 
 def _check_unit_interval(y: np.ndarray, what: str) -> None:

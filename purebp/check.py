@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from purebp import activations as _activations
 from purebp import backprop as _backprop
 from purebp import layers as _layers
+from purebp import programs as _programs
 from purebp.network import AnyNetwork, Network
 
 Array = jax.Array
@@ -104,6 +106,9 @@ def _fast_compile_jit(platform: str):
         static_argnames=("loss", "reduction"),
         compiler_options=FAST_COMPILE_OPTIONS.get(platform),
     )
+
+
+_programs.on_clear(_fast_compile_jit.cache_clear)
 
 
 def _fast_compile_call(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None):
@@ -526,3 +531,142 @@ def check_activation_derivative(
             f"{points.size} sample points; worst at z={float(points[worst]):.4g}: derivative gave "
             f"{actual[worst]:.6g}, jax.grad(G) gives {expected[worst]:.6g}"
         )
+
+
+# check_loss_derivative's sample points: N examples of n_out outputs, drawn from np.random.default_rng(0)
+LOSS_SAMPLE_SHAPE = (16, 4)
+
+
+def check_loss_derivative(
+    name: str,
+    cost: Callable[[Array, Array, Array], Array],
+    *,
+    output_delta: Callable[[Array, Array, Array], Array] | None = None,
+    grad_output: Callable[[Array, Array, Array], Array] | None = None,
+    output_activation: str | None = None,
+) -> None:
+    """Raise ValueError unless the derivative given for ``cost`` equals autodiff of ``cost``.
+
+    Sample points (``LOSS_SAMPLE_SHAPE``: N = 16 examples of n_out = 4
+    outputs, from ``np.random.default_rng(0)``, in float64, float32 without
+    x64): z ~ N(0, 2^2) elementwise, a = G(z) for the output activation G
+    (identity when ``output_activation`` is None), float targets y ~ U(0, 1).
+    What is compared, element by element:
+
+    - ``output_delta(z, a, y)`` with jax.grad of z -> sum_n C^n(z, G(z), y),
+      the total derivative delta^L = dC/dz^L through a = G(z);
+    - ``grad_output`` with a named G: delta^L = G's chain of
+      ``grad_output(z, a, y)`` (dC/da (.) G'(z), the Jacobian product for
+      softmax), with the same;
+    - ``grad_output`` for any G (``output_activation`` None): ``grad_output``
+      with the partial dC/da (z held fixed), and the partial dC/dz must vanish:
+      delta^L = dC/da (.) G'(z) holds for every G only when C reads a alone.
+
+    An element passes when |d - g| <= rtol max(|g|, 1e-3 max|g|) + atol, d
+    the given value and g autodiff's, with (rtol, atol) = (1e-8, 1e-12) in
+    float64 and (1e-4, 1e-7) in float32; the relative error reported is
+    |d - g| / max(|g|, 1e-3 max|g|). The cost must return C^n, shape (N,),
+    finite at the sample points, and the derivative shape (N, n_out), both
+    in the dtype of z.
+    """
+    dtype = np.dtype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    rtol, atol = (1e-8, 1e-12) if dtype == np.float64 else (1e-4, 1e-7)
+    output = _activations.get(output_activation or "identity")
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(2.0 * rng.standard_normal(LOSS_SAMPLE_SHAPE), dtype=dtype)
+    y = jnp.asarray(rng.uniform(size=LOSS_SAMPLE_SHAPE), dtype=dtype)
+    a = output.forward(z)
+    points = (np.asarray(z), np.asarray(a), np.asarray(y))
+    derivative = output_delta if output_delta is not None else grad_output
+    where = "output_delta" if output_delta is not None else "grad_output"
+
+    def attempt(what: str, compute: Callable[[], Array]) -> Array:
+        try:
+            return compute()
+        except Exception as error:  # the user's function: say which one failed, keep the cause
+            raise ValueError(f"loss {name!r}: {what} failed on the sample points: {error}") from error
+
+    values = attempt("the cost", lambda: cost(z, a, y))
+    _check_returned(name, "the cost", values, LOSS_SAMPLE_SHAPE[:1], dtype)
+    values = np.asarray(values)
+    if not np.all(np.isfinite(values)):
+        n = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise ValueError(
+            f"loss {name!r}: the cost is {values[n]} at sample example {n} ({_describe_point(points, n)}); "
+            "it must be finite there (sample points: see purebp.check.check_loss_derivative)"
+            + ("; a cost defined on some outputs only names that output_activation" if not output_activation else "")
+        )
+    given = attempt(where, lambda: derivative(z, a, y))
+    _check_returned(name, where, given, LOSS_SAMPLE_SHAPE, dtype)
+    if output_delta is None and output_activation is None:
+        grad_z, expected = attempt(
+            "autodiff of the cost", lambda: jax.grad(lambda z_, a_: jnp.sum(cost(z_, a_, y)), argnums=(0, 1))(z, a)
+        )
+        grad_z, expected = np.asarray(grad_z), np.asarray(expected)
+        reads_z = ~(np.abs(grad_z) <= rtol * float(np.max(np.abs(expected), initial=0.0)) + atol)
+        if np.any(reads_z):
+            n, j = np.unravel_index(int(np.argmax(np.where(reads_z, np.abs(grad_z), -1.0))), grad_z.shape)
+            raise ValueError(
+                f"loss {name!r}: with output_activation=None (any output layer) the cost may read a only, since "
+                f"delta^L = dC/da (.) G'(z) must hold for every G; but autodiff gives dC/dz = {grad_z[n, j]:.10g} "
+                f"at example {n}, output {j} ({_describe_point(points, n, j)}): name the output activation "
+                "the cost is defined on (output_activation=...)"
+            )
+        what, label, autodiff = "grad_output", "grad_output", "autodiff's dC/da"
+    else:
+        expected = attempt(
+            "autodiff of the cost", lambda: jax.grad(lambda z_: jnp.sum(cost(z_, output.forward(z_), y)))(z)
+        )
+        if output_delta is None:
+            given = output.chain(given, z, a)
+            what = f"grad_output chained through G = {output.name} (delta^L = dC/da (.) G'(z))"
+            label = "delta^L from grad_output"
+        else:
+            what = label = "output_delta"
+        autodiff = "autodiff's dC/dz"
+    _compare_loss_derivative(name, what, label, np.asarray(given), np.asarray(expected), points, rtol, atol, autodiff)
+
+
+def _check_returned(name: str, what: str, value, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    if getattr(value, "shape", None) != shape or np.dtype(getattr(value, "dtype", None)) != dtype:
+        raise ValueError(
+            f"loss {name!r}: {what} must return a {dtype} array of shape {shape} for {dtype} inputs of shape "
+            f"{LOSS_SAMPLE_SHAPE}; got {getattr(value, 'dtype', type(value).__name__)} of shape "
+            f"{getattr(value, 'shape', None)}"
+        )
+
+
+def _describe_point(points: tuple[np.ndarray, ...], n: int, j: int | None = None) -> str:
+    z, a, y = (p[n] if j is None else p[n, j] for p in points)
+    if j is None:
+        return ", ".join(f"{label}={np.array2string(v, precision=4)}" for label, v in zip("zay", (z, a, y)))
+    return f"z={z:.4g}, a={a:.4g}, y={y:.4g}"
+
+
+def _compare_loss_derivative(
+    name: str,
+    what: str,
+    label: str,
+    given: np.ndarray,
+    expected: np.ndarray,
+    points: tuple[np.ndarray, ...],
+    rtol: float,
+    atol: float,
+    autodiff: str,
+) -> None:
+    """Raise ValueError naming the worst sample point where ``given`` and ``expected`` differ beyond tolerance."""
+    scale = np.maximum(np.abs(expected), 1e-3 * float(np.max(np.abs(expected), initial=0.0)))
+    error = np.abs(given - expected)
+    bad = ~(error <= rtol * scale + atol)  # NaN is bad
+    if not np.any(bad):
+        return
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(scale > 0, error / scale, np.inf)
+    relative = np.where(np.isnan(relative), np.inf, relative)
+    n, j = np.unravel_index(int(np.argmax(np.where(bad, relative, -1.0))), bad.shape)
+    raise ValueError(
+        f"loss {name!r}: {what} does not match autodiff of the cost at {int(bad.sum())} of {bad.size} sample "
+        f"points; worst at example {n}, output {j} ({_describe_point(points, n, j)}): {label} gave "
+        f"{given[n, j]:.10g}, {autodiff} is {expected[n, j]:.10g} (relative error {relative[n, j]:.2e}, "
+        f"tolerance {rtol:.0e})"
+    )

@@ -128,12 +128,6 @@ def run_verify(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- purebp train
 
 TRAIN_DEFAULTS = {"hidden": 256, "optimizer": "sgd", "lr": 0.1, "batch_size": 32, "epochs": 30}
-OUTPUT_FOR_LOSS = {
-    "softmax_cross_entropy": "identity",
-    "cross_entropy": "softmax",
-    "binary_cross_entropy": "sigmoid",
-    "mse": "identity",
-}
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -218,7 +212,7 @@ def _train_setup(args: argparse.Namespace):
     """Check the arguments and load the data; return (dataset, sizes, activations, loss, optimizer, batch, length)."""
     import jax
 
-    from purebp import data
+    from purebp import data, losses
     from purebp.training import make_optimizer, make_schedule
 
     if args.resume and not args.checkpoint:
@@ -228,11 +222,10 @@ def _train_setup(args: argparse.Namespace):
     optimizer = make_optimizer(args.optimizer, args.lr)
     dataset = data.load(args.dataset, dtype=args.dtype, standardized=not args.no_standardize)
     loss = args.loss or ("softmax_cross_entropy" if dataset.is_classification else "mse")
-    if loss not in OUTPUT_FOR_LOSS:
-        raise ValueError(f"unknown loss {loss!r}; valid losses: {', '.join(OUTPUT_FOR_LOSS)}")
-    if dataset.is_classification and loss in ("mse", "binary_cross_entropy"):
+    cost = losses.get(loss)  # ValueError listing the valid names
+    if dataset.is_classification and not cost.classification:
         dataset = _one_hot_targets(dataset, args.dtype)  # these costs take one target per output
-    elif not dataset.is_classification and loss != "mse":
+    elif not dataset.is_classification and (cost.classification or cost.targets_in_unit_interval):
         raise ValueError(f"--loss {loss} needs class labels, but {args.dataset} is a regression dataset: use mse")
     sizes = (
         _parse_sizes(args.sizes) if args.sizes else (dataset.n_features, TRAIN_DEFAULTS["hidden"], dataset.n_outputs)
@@ -242,7 +235,8 @@ def _train_setup(args: argparse.Namespace):
             f"--sizes {','.join(map(str, sizes))} does not fit {args.dataset}: it has {dataset.n_features} inputs "
             f"and {dataset.n_outputs} outputs"
         )
-    activations = (args.activation,) * (len(sizes) - 2) + (args.output or OUTPUT_FOR_LOSS[loss],)
+    # default output: the one the cost is defined on (identity for a cost on any output)
+    activations = (args.activation,) * (len(sizes) - 2) + (args.output or cost.output_activation or "identity",)
     n_train = len(dataset.x_train)
     batch_size = (
         n_train

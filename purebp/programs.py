@@ -14,6 +14,11 @@ cost a compile but never reuse a program traced for a different one.
 With ``optax.inject_hyperparams`` the numeric hyperparameters live in the
 optimizer state (traced data), not in the closures, so a sweep over learning
 rates has one key, and one compiled program.
+
+Activation and loss names are keyed as strings: a program traced for a name
+holds the functions registered under it at that time. ``clear_caches`` drops
+every compiled program and every cache purebp keeps, and replacing a
+registration calls it, so nothing compiled for the old one is reused.
 """
 
 from __future__ import annotations
@@ -29,6 +34,29 @@ import numpy as np
 
 _SCALARS = (bool, int, float, complex, str, bytes, type(None))
 _MAX_DEPTH = 64
+
+# what ``clear_caches`` calls besides jax.clear_caches: each module registers its own caches
+_CLEARERS: list[Callable[[], Any]] = []
+
+
+def on_clear(clear: Callable[[], Any]) -> Callable[[], Any]:
+    """Have ``clear_caches`` call ``clear()`` (e.g. an ``lru_cache``'s ``cache_clear``); returns ``clear``."""
+    if not callable(clear):
+        raise TypeError(f"on_clear takes a callable of no arguments, got {clear!r}")
+    if clear not in _CLEARERS:
+        _CLEARERS.append(clear)
+    return clear
+
+
+def clear_caches() -> None:
+    """Drop every compiled program and cache: ``jax.clear_caches()``, then each function given to ``on_clear``.
+
+    The next call of any purebp function traces and compiles again, with the
+    activations and losses registered now.
+    """
+    jax.clear_caches()
+    for clear in tuple(_CLEARERS):
+        clear()
 
 
 def program_key(value: Any) -> tuple:
@@ -184,20 +212,3 @@ def _describe(value: Any, path: str, out: dict[str, str], seen: set[int], depth:
             out[path] = f"{array.dtype}{list(array.shape)} sha256:{digest}"
     else:
         out[path] = f"<{type(value).__module__}.{type(value).__qualname__}>"
-
-
-# ---------------------------------------------------------------- one call clears every cache
-
-_CLEARERS: list = []
-
-
-def on_clear(clear: Callable[[], object]) -> None:
-    """Register a function that empties one of purebp's caches; ``clear_caches`` calls it."""
-    _CLEARERS.append(clear)
-
-
-def clear_caches() -> None:
-    """Empty every cache purebp keeps (validated signatures, compiled programs) and call ``jax.clear_caches()``."""
-    for clear in _CLEARERS:
-        clear()
-    jax.clear_caches()

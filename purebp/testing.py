@@ -24,10 +24,15 @@ from purebp.check import GradientReport, check_gradients
 from purebp.network import Layer, Network
 
 HIDDEN_ACTIVATIONS = tuple(name for name in _activations.BUILTIN_NAMES if name != "softmax")
-# every (loss, output activation) pair purebp accepts
+# every (built-in loss, built-in output activation) pair purebp accepts, from the loss table
 LOSS_OUTPUT_PAIRS = tuple(
-    [("mse", name) for name in _activations.BUILTIN_NAMES]
-    + [("cross_entropy", "softmax"), ("softmax_cross_entropy", "identity"), ("binary_cross_entropy", "sigmoid")]
+    (loss, output)
+    for loss in _losses.LOSSES
+    for output in (
+        _activations.BUILTIN_NAMES
+        if _losses.get(loss).output_activation is None
+        else (_losses.get(loss).output_activation,)
+    )
 )
 
 
@@ -85,10 +90,11 @@ def make_case(spec: CaseSpec) -> Case:
     net = Network(layers=layers, activations=tuple(spec.activations))
     x = jnp.asarray(spec.input_scale * rng.standard_normal((spec.batch, spec.sizes[0])), dtype=dtype)
     n_out = spec.sizes[-1]
-    if spec.loss in _losses.CLASSIFICATION_LOSSES:
+    cost = _losses.get(spec.loss)
+    if cost.classification:
         labels = rng.integers(0, n_out, spec.batch)
         y = jnp.asarray(np.eye(n_out)[labels], dtype=dtype) if spec.one_hot else jnp.asarray(labels)
-    elif spec.loss == "binary_cross_entropy":
+    elif cost.targets_in_unit_interval:
         y = jnp.asarray(rng.uniform(size=(spec.batch, n_out)), dtype=dtype)
     else:
         y = jnp.asarray(rng.standard_normal((spec.batch, n_out)), dtype=dtype)
@@ -106,7 +112,7 @@ def random_spec(
     """Draw a random ``CaseSpec``: depth 1..max_depth, widths 1..max_width, any valid loss/output pair."""
     depth = int(rng.integers(1, max_depth + 1))
     loss, output = LOSS_OUTPUT_PAIRS[int(rng.integers(len(LOSS_OUTPUT_PAIRS)))]
-    min_out = 2 if output == "softmax" or loss in _losses.CLASSIFICATION_LOSSES else 1
+    min_out = 2 if output == "softmax" or _losses.get(loss).classification else 1
     sizes = [int(rng.integers(1, max_width + 1)) for _ in range(depth)]
     sizes.append(int(rng.integers(min_out, max(min_out, max_width) + 1)))
     hidden = [HIDDEN_ACTIVATIONS[int(rng.integers(len(HIDDEN_ACTIVATIONS)))] for _ in range(depth - 1)]
@@ -148,7 +154,7 @@ def cases(
     def strategy(draw):
         loss, output = draw(st.sampled_from(pairs))
         depth = draw(st.integers(1, max_depth))
-        min_out = 2 if output == "softmax" or loss in _losses.CLASSIFICATION_LOSSES else 1
+        min_out = 2 if output == "softmax" or _losses.get(loss).classification else 1
         widths = draw(st.lists(st.integers(1, max_width), min_size=depth, max_size=depth))
         n_out = draw(st.integers(min_out, max(min_out, max_width)))
         hidden = draw(st.lists(st.sampled_from(hidden_activations), min_size=depth - 1, max_size=depth - 1))
