@@ -241,7 +241,7 @@ def forward(net: AnyNetwork, x: Array, *, key: Array | None = None) -> Array:
     """
     x, _ = coerce_inputs(net, x)
     validate_inputs(net, x)
-    _check_key(key)
+    check_key(key)
     return _forward_jit(net, x, key)
 
 
@@ -377,7 +377,8 @@ def _check_values(n_out: int, y: Array | None, loss: str | None) -> None:
         _validate_target_values(np.asarray(y), loss, n_out)
 
 
-def _check_key(key: object) -> None:
+def check_key(key: object) -> None:
+    """Raise TypeError unless ``key`` is None or one PRNG key (a typed key of shape (), or a raw uint32[2] key)."""
     if key is None:
         return
     dtype = getattr(key, "dtype", None)
@@ -408,7 +409,7 @@ def _checked_call(jitted, net: AnyNetwork, x: Array, y: Array, loss: str, reduct
     """
     x, y = coerce_inputs(net, x, y)
     signature, n_out = _check_static(net, x, y, loss, reduction)
-    _check_key(key)
+    check_key(key)
     called = (jitted, signature, key is None)
     if called not in _CALLED:
         _check_values(n_out, y, loss)

@@ -82,7 +82,7 @@ def autodiff_value_and_grad(
 
 def _both_value_and_grad(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None):
     # the same two jitted functions as check_gradients' default path, nested in one program
-    hand = _backprop._value_and_grad_jit(net, x, y, loss, reduction, key)
+    hand = _backprop.compiled_value_and_grad(net, x, y, loss, reduction, key)
     return hand, _autodiff_value_and_grad_jit(net, x, y, loss, reduction, key)
 
 
@@ -297,7 +297,7 @@ def check_gradients(
         if fast_compile:
             (value_h, grads_h), (value_g, grads_g) = _fast_compile_call(net, x, y, loss, reduction, key)
         else:
-            value_h, grads_h = _backprop._value_and_grad_jit(net, x, y, loss, reduction, key)
+            value_h, grads_h = _backprop.compiled_value_and_grad(net, x, y, loss, reduction, key)
             value_g, grads_g = _autodiff_value_and_grad_jit(net, x, y, loss, reduction, key)
     leaves = compare_gradients(grads_h, grads_g, tolerance=tolerance, floor=floor)
     reference_dtype = None
@@ -421,7 +421,7 @@ def check_layer(
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"check_layer: x must be a floating array, got dtype {x.dtype}")
     if key is not None:
-        _backprop._check_key(key)
+        _backprop.check_key(key)
     keys = None if key is None else _layers.example_keys(key, x.shape[0])
     return _check_layer(layer, x, keys, tolerance, seed)
 
