@@ -1,4 +1,4 @@
-"""Atomic checkpoints: a Network, its optimizer state, step, key and metadata in one ``.npz`` file.
+"""Atomic checkpoints: a network, its optimizer state, step, key and metadata in one ``.npz`` file.
 
 Writing goes to a temporary file in the same directory, which is flushed and
 fsync'ed, then ``os.replace``d over the target (atomic on POSIX), then the
@@ -7,14 +7,26 @@ or the new one, never a mix. Reading checks everything (format version,
 structure, shapes, dtypes; the zip's CRC-32 catches corrupted bytes) and turns
 any problem into a ``CheckpointError`` that names the file.
 
-Layout of the archive (``np.load(path)`` reads it, no pickle):
+Two layouts, both read by ``load_checkpoint`` (``np.load(path)`` reads either,
+no pickle anywhere):
 
-- ``net/<l>/w``, ``net/<l>/b``: the parameters, bit for bit
-- ``opt/<i>``: the optimizer state's leaves in ``jax.tree.leaves`` order
-- ``key_data``: ``jax.random.key_data(key)`` (absent without a key)
-- ``meta``: UTF-8 JSON: format, purebp version, sizes, activations, dtype,
-  step, the key's implementation, the optimizer state's tree structure and
-  leaf shapes/dtypes, and the caller's metadata
+- ``purebp-checkpoint-1``, for a ``Network`` (an MLP from ``init_mlp``):
+  ``net/<l>/w`` and ``net/<l>/b``; the meta has ``sizes``, ``activations`` and
+  ``dtype``. MLPs are still written in this layout, so that files stay
+  readable by purebp versions that know only it.
+- ``purebp-checkpoint-2``, for a ``Sequential`` (from ``init_network``):
+  ``params/<i>``, the parameters in ``jax.tree.leaves`` order; the meta has
+  ``network`` (``describe_network``: the input shape and, per layer, its kind
+  and static fields, enough to rebuild a stack of built-in layers without
+  pickle), ``param_paths`` (each leaf's ``jax.tree_util.keystr`` path, e.g.
+  ``.layers[1].layers[0].w``), ``param_leaves`` (shape and dtype per leaf) and
+  ``treedef`` (``str`` of the network's tree structure, a last structure check).
+
+Both also hold ``opt/<i>`` (the optimizer state's leaves in ``jax.tree.leaves``
+order), ``key_data`` (``jax.random.key_data(key)``, absent without a key) and
+``meta`` (UTF-8 JSON: the format, purebp version, step, the key's
+implementation, the optimizer state's tree structure and leaf shapes/dtypes,
+and the caller's metadata). Arrays are stored bit for bit.
 """
 
 from __future__ import annotations
@@ -26,15 +38,20 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from purebp.network import Layer, Network, validate_network
+from purebp.layers import Dense, Dropout, LayerNorm, Residual
+from purebp.network import Layer, Network, Sequential, validate_network, validate_sequential
 
-FORMAT = "purebp-checkpoint-1"
+FORMAT_MLP = "purebp-checkpoint-1"
+FORMAT_SEQUENTIAL = "purebp-checkpoint-2"
+FORMAT = FORMAT_MLP  # the original name, kept for callers that read it
+FORMATS = (FORMAT_MLP, FORMAT_SEQUENTIAL)
 
 
 class CheckpointError(ValueError):
@@ -45,7 +62,7 @@ class CheckpointError(ValueError):
 class Checkpoint:
     """What ``load_checkpoint`` returns. ``opt_state`` is None unless a template was given."""
 
-    net: Network
+    net: Network | Sequential
     opt_state: Any
     step: int
     key: jax.Array | None
@@ -58,6 +75,198 @@ def _version() -> str:
     return __version__
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Describing a network's architecture as JSON, and rebuilding built-in layers from that description
+
+
+def _static(layer: object, field: str, types: tuple[type, ...], where: str) -> object:
+    # exact types only: the value must come back from JSON as the same type, or the rebuilt tree structure
+    # (which holds the static fields) would differ (a numpy scalar prints differently from a Python float)
+    value = getattr(layer, field)
+    if type(value) not in types:
+        expected = " or ".join(t.__name__ for t in types)
+        raise TypeError(
+            f"{where}: {field} is {value!r} ({type(value).__name__}); a checkpoint needs a Python {expected}"
+        )
+    return value
+
+
+def _layers_tuple(layers: object, where: str) -> tuple:
+    if not isinstance(layers, tuple):
+        raise TypeError(f"{where}: layers is a {type(layers).__name__}; a checkpoint needs a tuple of layers")
+    return layers
+
+
+def _describe_dense(layer: Dense, where: str) -> dict:
+    return {"activation": _static(layer, "activation", (str,), where), "n_out": int(np.shape(layer.w)[0])}
+
+
+def _describe_residual(layer: Residual, where: str) -> dict:
+    body = _layers_tuple(layer.layers, where)
+    return {"layers": [describe_layer(item, f"{where}.layers[{i}]") for i, item in enumerate(body)]}
+
+
+def _describe_layer_norm(layer: LayerNorm, where: str) -> dict:
+    return {"eps": _static(layer, "eps", (float, int), where)}
+
+
+def _describe_dropout(layer: Dropout, where: str) -> dict:
+    return {"rate": _static(layer, "rate", (float, int), where)}
+
+
+class _Leaf:
+    """Stands for a parameter array while a network is rebuilt from its description (a pytree leaf)."""
+
+    def __repr__(self) -> str:
+        return "*"
+
+
+_LEAF = _Leaf()
+
+
+def _build_dense(description: dict, build: Callable) -> Dense:
+    return Dense(_LEAF, _LEAF, description["activation"])
+
+
+def _build_residual(description: dict, build: Callable) -> Residual:
+    return Residual(tuple(build(item, index) for index, item in enumerate(description["layers"])))
+
+
+def _build_layer_norm(description: dict, build: Callable) -> LayerNorm:
+    return LayerNorm(_LEAF, _LEAF, description["eps"])
+
+
+def _build_dropout(description: dict, build: Callable) -> Dropout:
+    return Dropout(description["rate"])
+
+
+# One row per built-in layer type: its kind in the file, how to describe it, how to rebuild it (with
+# placeholder leaves). A new built-in layer kind adds a row here; any other layer is "custom".
+_BUILT_IN: dict[type, tuple[str, Callable, Callable]] = {
+    Dense: ("dense", _describe_dense, _build_dense),
+    Residual: ("residual", _describe_residual, _build_residual),
+    LayerNorm: ("layer_norm", _describe_layer_norm, _build_layer_norm),
+    Dropout: ("dropout", _describe_dropout, _build_dropout),
+}
+_BUILD = {kind: build for kind, _, build in _BUILT_IN.values()}
+
+
+def _type_name(layer: object) -> str:
+    return f"{type(layer).__module__}.{type(layer).__qualname__}"
+
+
+def describe_layer(layer: object, where: str = "layer") -> dict:
+    """Return a JSON-able description of one layer: ``{"kind": ..., <its static fields>}``.
+
+    Built-in kinds: ``dense`` (activation, n_out), ``residual`` (layers: the
+    body, described the same way), ``layer_norm`` (eps), ``dropout`` (rate).
+    Any other layer is ``custom``: its type (module.qualname), its tree
+    structure as text (which shows its static fields) and its leaves' shapes.
+    ``where`` names the layer in error messages.
+    """
+    entry = _BUILT_IN.get(type(layer))  # exact type: a subclass of a built-in may add fields, so it is custom
+    if entry is not None:
+        kind, describe, _ = entry
+        return {"kind": kind} | describe(layer, where)
+    leaves, structure = jax.tree_util.tree_flatten_with_path(layer)
+    return {
+        "kind": "custom",
+        "type": _type_name(layer),
+        "structure": str(structure),
+        "shapes": {jax.tree_util.keystr(path): list(np.shape(leaf)) for path, leaf in leaves},
+    }
+
+
+def describe_network(net: Network | Sequential) -> dict:
+    """Return a JSON-able description of ``net``'s architecture (no parameter values).
+
+    A ``Network``: ``{"kind": "mlp", "sizes", "activations", "dtype"}``. A
+    ``Sequential``: ``{"kind": "sequential", "input_shape", "dtype", "layers"}``
+    with one ``describe_layer`` entry per layer. Two networks with the same
+    description have the same architecture and dtype; for built-in layers the
+    description is enough to rebuild the network's structure (the values come
+    from the checkpoint). Raises TypeError for anything else, and for a
+    built-in layer whose static field is not a plain Python value.
+    """
+    if isinstance(net, Network):
+        return {
+            "kind": "mlp",
+            "sizes": [int(n) for n in net.sizes],
+            "activations": list(net.activations),
+            "dtype": str(net.dtype),
+        }
+    if isinstance(net, Sequential):
+        dtype = net.dtype
+        layers = _layers_tuple(net.layers, "the network")
+        return {
+            "kind": "sequential",
+            "input_shape": [int(n) for n in net.input_shape],
+            "dtype": None if dtype is None else str(dtype),
+            "layers": [describe_layer(layer, f"layers[{i}]") for i, layer in enumerate(layers)],
+        }
+    raise TypeError(f"expected a purebp.Network or purebp.Sequential, got {type(net).__name__}")
+
+
+def _skeleton(path: str, description: dict) -> Sequential:
+    """Rebuild a Sequential of built-in layers from its description, with ``_LEAF`` for every parameter."""
+
+    def build(item: dict, where: str) -> object:
+        kind = item.get("kind") if isinstance(item, dict) else None
+        if kind == "custom":
+            raise CheckpointError(
+                f"checkpoint {path}: {where} is a {item.get('type')}, not a built-in layer, so the file alone "
+                "cannot rebuild it; pass net_template= (e.g. the freshly initialised network) to load it"
+            )
+        if kind not in _BUILD:
+            raise CheckpointError(
+                f"checkpoint {path}: {where} has layer kind {kind!r}, which this purebp ({_version()}) does not know "
+                f"(known: {', '.join(sorted(_BUILD))}); pass net_template= to load it"
+            )
+        return _BUILD[kind](item, lambda inner, index: build(inner, f"{where}.layers[{index}]"))
+
+    try:
+        layers = tuple(build(item, f"layers[{i}]") for i, item in enumerate(description["layers"]))
+        return Sequential(layers=layers, input_shape=tuple(int(n) for n in description["input_shape"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"checkpoint {path} has a malformed network description ({type(error).__name__}: {error})"
+        ) from error
+
+
+def _first_difference(
+    saved: Any, now: Any, where: str, ours: str = "the checkpoint", theirs: str = "net_template"
+) -> str | None:
+    """The first place two JSON values differ, as 'where: X in <ours>, Y in <theirs>', or None."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for name in list(saved) + [name for name in now if name not in saved]:
+            inner = f"{where}.{name}" if where else name
+            if name not in now:
+                return f"{inner}: {saved[name]!r} in {ours}, absent in {theirs}"
+            if name not in saved:
+                return f"{inner}: absent in {ours}, {now[name]!r} in {theirs}"
+            found = _first_difference(saved[name], now[name], inner, ours, theirs)
+            if found is not None:
+                return found
+        return None
+    if isinstance(saved, list) and isinstance(now, list):
+        for index, (a, b) in enumerate(zip(saved, now)):
+            found = _first_difference(a, b, f"{where}[{index}]", ours, theirs)
+            if found is not None:
+                return found
+        if len(saved) != len(now):
+            return f"{where}: {len(saved)} entries in {ours}, {len(now)} in {theirs}"
+        return None
+    if type(saved) is type(now) and saved == now:
+        return None
+    return f"{where}: {saved!r} in {ours}, {now!r} in {theirs}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
 def _fsync_directory(directory: str) -> None:
     with contextlib.suppress(OSError):  # some filesystems cannot open directories
         descriptor = os.open(directory, os.O_RDONLY)
@@ -67,9 +276,13 @@ def _fsync_directory(directory: str) -> None:
             os.close(descriptor)
 
 
+def _shape_dtype(array: np.ndarray) -> list:
+    return [list(array.shape), str(array.dtype)]
+
+
 def save_checkpoint(
     path: str | os.PathLike,
-    net: Network,
+    net: Network | Sequential,
     opt_state: Any = None,
     *,
     step: int = 0,
@@ -78,15 +291,42 @@ def save_checkpoint(
 ) -> None:
     """Write ``net``, ``opt_state`` (a pytree), ``step``, ``key`` and JSON ``metadata`` to ``path`` atomically.
 
-    The previous file at ``path``, if any, is replaced only once the new one
-    is complete on disk. Arrays are stored exactly: a round trip is bit-identical.
+    ``net`` is a ``Network`` (written as ``purebp-checkpoint-1``) or a
+    ``Sequential`` of any layers (``purebp-checkpoint-2``; one holding a layer
+    of your own loads back with ``net_template=``). The previous file at
+    ``path``, if any, is replaced only once the new one is complete on disk.
+    Arrays are stored exactly: a round trip is bit-identical.
     """
-    validate_network(net)
     path = os.fspath(path)
     arrays: dict[str, np.ndarray] = {}
-    for l, layer in enumerate(net.layers):
-        arrays[f"net/{l}/w"] = np.asarray(layer.w)
-        arrays[f"net/{l}/b"] = np.asarray(layer.b)
+    if isinstance(net, Network):
+        validate_network(net)
+        for l, layer in enumerate(net.layers):
+            arrays[f"net/{l}/w"] = np.asarray(layer.w)
+            arrays[f"net/{l}/b"] = np.asarray(layer.b)
+        meta: dict[str, Any] = {
+            "format": FORMAT_MLP,
+            "purebp_version": _version(),
+            "sizes": list(net.sizes),
+            "activations": list(net.activations),
+            "dtype": str(net.dtype),
+        }
+    elif isinstance(net, Sequential):
+        validate_sequential(net)
+        description = describe_network(net)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(net)
+        for i, (_, leaf) in enumerate(leaves):
+            arrays[f"params/{i}"] = np.asarray(leaf)
+        meta = {
+            "format": FORMAT_SEQUENTIAL,
+            "purebp_version": _version(),
+            "network": description,
+            "treedef": str(treedef),
+            "param_paths": [jax.tree_util.keystr(leaf_path) for leaf_path, _ in leaves],
+            "param_leaves": [_shape_dtype(arrays[f"params/{i}"]) for i in range(len(leaves))],
+        }
+    else:
+        raise TypeError(f"save_checkpoint: expected a purebp.Network or purebp.Sequential, got {type(net).__name__}")
     opt_leaves, opt_treedef = jax.tree.flatten(opt_state)
     for i, leaf in enumerate(opt_leaves):
         arrays[f"opt/{i}"] = np.asarray(leaf)
@@ -94,16 +334,11 @@ def save_checkpoint(
     if key is not None:
         arrays["key_data"] = np.asarray(jax.random.key_data(key))
         key_impl = str(jax.random.key_impl(key))
-    meta = {
-        "format": FORMAT,
-        "purebp_version": _version(),
-        "sizes": list(net.sizes),
-        "activations": list(net.activations),
-        "dtype": str(net.dtype),
+    meta |= {
         "step": int(step),
         "key_impl": key_impl,
         "opt_treedef": str(opt_treedef),
-        "opt_leaves": [[list(a.shape), str(a.dtype)] for a in (arrays[f"opt/{i}"] for i in range(len(opt_leaves)))],
+        "opt_leaves": [_shape_dtype(arrays[f"opt/{i}"]) for i in range(len(opt_leaves))],
         "metadata": metadata or {},
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
@@ -123,6 +358,10 @@ def save_checkpoint(
     _fsync_directory(directory)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
 def _read(path: str) -> dict[str, np.ndarray]:
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -135,16 +374,49 @@ def _read(path: str) -> dict[str, np.ndarray]:
         ) from error
 
 
-def load_checkpoint(path: str | os.PathLike, *, opt_state_template: Any = None) -> Checkpoint:
+def _as_dtype(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    # np.save writes dtypes NumPy does not know natively (bfloat16, from ml_dtypes) as raw bytes, |V2;
+    # the bytes are the values, so a view gives them back bit for bit
+    raw = np.dtype(f"V{dtype.itemsize}")
+    if array.dtype == raw and dtype != raw:
+        return array.view(dtype)
+    return array
+
+
+def _dtype(path: str, name: object) -> np.dtype:
+    try:
+        return np.dtype(name)
+    except TypeError as error:
+        raise CheckpointError(f"checkpoint {path} names an unknown dtype {name!r}") from error
+
+
+def _needs_x64(path: str, dtype: np.dtype | None) -> None:
+    if dtype == np.float64 and not jax.config.jax_enable_x64:
+        raise CheckpointError(f"checkpoint {path} holds float64 parameters: enable jax_enable_x64 before loading it")
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    opt_state_template: Any = None,
+    net_template: Network | Sequential | None = None,
+) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint``; return a ``Checkpoint``.
 
-    The network is rebuilt from the stored sizes, activations and dtype. The
-    optimizer state needs ``opt_state_template`` (e.g. ``optimizer.init(net)``)
-    for its tree structure; the stored structure, leaf shapes and dtypes must
-    match it. Raises ``CheckpointError`` on a missing, truncated, corrupt or
-    mismatched file.
+    The network is rebuilt from the file alone when it is a ``Network`` or a
+    ``Sequential`` of built-in layers (dense, residual, layer norm, dropout).
+    A network holding a layer of your own needs ``net_template`` (e.g. the
+    freshly initialised network) for its structure; with a template, for any
+    network, the stored description, parameter paths, shapes, dtypes and tree
+    structure must match the template's, and the first difference is named.
+    The optimizer state needs ``opt_state_template`` (e.g.
+    ``optimizer.init(net)``) the same way. Raises ``CheckpointError`` on a
+    missing, truncated, corrupt or mismatched file.
     """
     path = os.fspath(path)
+    if net_template is not None:
+        describe_network(net_template)  # a TypeError for anything but a network, before the file is read
+        (validate_network if isinstance(net_template, Network) else validate_sequential)(net_template)
     arrays = _read(path)
     try:
         meta = json.loads(arrays.pop("meta").tobytes().decode("utf-8"))
@@ -152,34 +424,50 @@ def load_checkpoint(path: str | os.PathLike, *, opt_state_template: Any = None) 
         raise CheckpointError(f"{path} is not a purebp checkpoint (no 'meta' entry)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"checkpoint {path} has corrupt metadata: {error}") from error
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} is not a {FORMAT} file (format {meta.get('format') if isinstance(meta, dict) else None!r})"
-        )
-    net = _restore_network(path, arrays, meta)
-    opt_state = None
-    if opt_state_template is not None:
-        opt_state = _restore_opt_state(path, arrays, meta, opt_state_template)
-    key = None
-    if "key_data" in arrays:
-        try:
-            key = jax.random.wrap_key_data(jnp.asarray(arrays["key_data"]), impl=meta["key_impl"])
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(f"checkpoint {path}: its key cannot be restored ({error})") from error
-    return Checkpoint(net=net, opt_state=opt_state, step=int(meta["step"]), key=key, metadata=meta["metadata"])
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found not in FORMATS:
+        raise CheckpointError(f"{path} is not a purebp checkpoint of format {' or '.join(FORMATS)} (format {found!r})")
+    try:
+        if found == FORMAT_MLP:
+            if net_template is not None:
+                fields = ("sizes", "activations", "dtype")
+                _match_template(path, {"kind": "mlp"} | {name: meta[name] for name in fields}, net_template)
+            net = _restore_network(path, arrays, meta)
+        else:
+            net = _restore_sequential(path, arrays, meta, net_template)
+        opt_state = None
+        if opt_state_template is not None:
+            opt_state = _restore_opt_state(path, arrays, meta, opt_state_template)
+        key = None
+        if "key_data" in arrays:
+            try:
+                key = jax.random.wrap_key_data(jnp.asarray(arrays["key_data"]), impl=meta["key_impl"])
+            except (TypeError, ValueError) as error:
+                raise CheckpointError(f"checkpoint {path}: its key cannot be restored ({error})") from error
+        step, metadata = int(meta["step"]), meta["metadata"]
+    except KeyError as error:  # a meta field missing (a file edited by hand, or written by something else)
+        raise CheckpointError(f"checkpoint {path} has incomplete metadata: no {error}") from None
+    return Checkpoint(net=net, opt_state=opt_state, step=step, key=key, metadata=metadata)
 
 
-def load_checkpoint_if_exists(path: str | os.PathLike, *, opt_state_template: Any = None) -> Checkpoint | None:
+def load_checkpoint_if_exists(
+    path: str | os.PathLike, *, opt_state_template: Any = None, net_template: Network | Sequential | None = None
+) -> Checkpoint | None:
     """``load_checkpoint`` if ``path`` exists, else None (for resuming a run that may not have started)."""
     if not os.path.exists(path):
         return None
-    return load_checkpoint(path, opt_state_template=opt_state_template)
+    return load_checkpoint(path, opt_state_template=opt_state_template, net_template=net_template)
+
+
+def _match_template(path: str, saved_description: dict, template: Network | Sequential) -> None:
+    difference = _first_difference(saved_description, describe_network(template), "")
+    if difference is not None:
+        raise CheckpointError(f"checkpoint {path} does not match net_template: {difference}")
 
 
 def _restore_network(path: str, arrays: dict[str, np.ndarray], meta: dict) -> Network:
-    sizes, activations, dtype = meta["sizes"], tuple(meta["activations"]), np.dtype(meta["dtype"])
-    if dtype == np.float64 and not jax.config.jax_enable_x64:
-        raise CheckpointError(f"checkpoint {path} holds float64 parameters: enable jax_enable_x64 before loading it")
+    sizes, activations, dtype = meta["sizes"], tuple(meta["activations"]), _dtype(path, meta["dtype"])
+    _needs_x64(path, dtype)
     layers = []
     for l, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         leaves = {}
@@ -187,7 +475,7 @@ def _restore_network(path: str, arrays: dict[str, np.ndarray], meta: dict) -> Ne
             entry = f"net/{l}/{name}"
             if entry not in arrays:
                 raise CheckpointError(f"checkpoint {path} is missing {entry} (sizes {sizes})")
-            array = arrays.pop(entry)
+            array = _as_dtype(arrays.pop(entry), dtype)
             if array.shape != shape or array.dtype != dtype:
                 raise CheckpointError(
                     f"checkpoint {path}: {entry} is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
@@ -199,6 +487,67 @@ def _restore_network(path: str, arrays: dict[str, np.ndarray], meta: dict) -> Ne
         validate_network(net)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path} holds an invalid network: {error}") from error
+    return net
+
+
+def _restore_sequential(
+    path: str, arrays: dict[str, np.ndarray], meta: dict, template: Network | Sequential | None
+) -> Sequential:
+    description, paths, leaf_specs = meta["network"], meta["param_paths"], meta["param_leaves"]
+    if template is not None:
+        _match_template(path, description, template)
+        structure = jax.tree.structure(template)
+        expected_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
+        expected_specs = [[list(leaf.shape), str(np.dtype(leaf.dtype))] for leaf in jax.tree.leaves(template)]
+        against = "net_template"
+    else:
+        skeleton = _skeleton(path, description)
+        structure = jax.tree.structure(skeleton)
+        expected_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(skeleton)[0]]
+        expected_specs = None  # the file's own specs, checked against the arrays below
+        against = "the network its description rebuilds"
+    if len(leaf_specs) != len(paths):
+        raise CheckpointError(f"checkpoint {path} lists {len(paths)} parameter paths but {len(leaf_specs)} leaf shapes")
+    if paths != expected_paths:
+        index = next((i for i, (a, b) in enumerate(zip(paths, expected_paths)) if a != b), None)
+        detail = (
+            f"parameter {index} is {paths[index]} in the checkpoint, {expected_paths[index]} in {against}"
+            if index is not None
+            else f"{len(paths)} parameters in the checkpoint, {len(expected_paths)} in {against}"
+        )
+        raise CheckpointError(f"checkpoint {path} does not match {against}: {detail}")
+    leaves = []
+    for i, (leaf_path, (shape, dtype_name)) in enumerate(zip(paths, leaf_specs, strict=True)):
+        dtype = _dtype(path, dtype_name)
+        if expected_specs is not None and [shape, dtype_name] != expected_specs[i]:
+            want_shape, want_dtype = expected_specs[i]
+            raise CheckpointError(
+                f"checkpoint {path} does not match net_template: parameter {leaf_path} is {dtype_name}{shape} "
+                f"in the checkpoint, {want_dtype}{want_shape} in net_template"
+            )
+        entry = f"params/{i}"
+        if entry not in arrays:
+            raise CheckpointError(f"checkpoint {path} is missing {entry} (parameter {leaf_path})")
+        array = _as_dtype(arrays.pop(entry), dtype)
+        if list(array.shape) != shape or array.dtype != dtype:
+            raise CheckpointError(
+                f"checkpoint {path}: {entry} ({leaf_path}) is {array.dtype}{list(array.shape)}, expected {dtype}{shape}"
+            )
+        _needs_x64(path, dtype)
+        leaves.append(jnp.asarray(array))
+    if str(structure) != meta["treedef"]:
+        raise CheckpointError(
+            f"checkpoint {path}: its network has structure\n  {meta['treedef']}\nbut {against} has\n  {structure}"
+        )
+    net = jax.tree.unflatten(structure, leaves)
+    try:
+        validate_sequential(net)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path} holds an invalid network: {error}") from error
+    if template is None:
+        difference = _first_difference(description, describe_network(net), "", "its description", "its arrays")
+        if difference is not None:  # e.g. a stored n_out that the stored weights contradict
+            raise CheckpointError(f"checkpoint {path} is inconsistent: {difference}")
     return net
 
 
@@ -214,7 +563,8 @@ def _restore_opt_state(path: str, arrays: dict[str, np.ndarray], meta: dict, tem
         entry = f"opt/{i}"
         if entry not in arrays:
             raise CheckpointError(f"checkpoint {path} is missing optimizer leaf {entry}")
-        array, expected = arrays[entry], np.asarray(leaf)
+        expected = np.asarray(leaf)
+        array = _as_dtype(arrays[entry], expected.dtype)
         if array.shape != expected.shape or array.dtype != expected.dtype:
             raise CheckpointError(
                 f"checkpoint {path}: optimizer leaf {i} is {array.dtype}{list(array.shape)}, "
