@@ -2,7 +2,7 @@
 
 from purebp.backprop import BackpropTrace, backprop_trace, forward, grad, value_and_grad
 from purebp.check import GradientReport, LayerReport, autodiff_value_and_grad, check_gradients, check_layer
-from purebp.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from purebp.checkpoint import Checkpoint, CheckpointError, describe_network, load_checkpoint, save_checkpoint
 from purebp.distributed import ProcessFailureError, data_parallel_value_and_grad, make_data_mesh
 from purebp.layers import Dense, Dropout, LayerNorm, Residual, dense, dropout, layer_norm, residual
 from purebp.network import Layer, Network, Sequential, init_mlp, init_network
@@ -45,6 +45,7 @@ __all__ = [
     "clear_caches",
     "data_parallel_value_and_grad",
     "dense",
+    "describe_network",
     "dp_sgd_step",
     "dp_value_and_grad",
     "dropout",

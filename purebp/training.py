@@ -633,7 +633,7 @@ def fit(
             history["eval_accuracy"] = []
     start = 0
     if resume:
-        restored = _restore(run, config, opt_state)
+        restored = _restore(run, config, opt_state, net)
         if restored is not None:
             net, opt_state, start, history = restored
             if start == run.schedule.total_steps:
@@ -737,7 +737,9 @@ def has_dropout(net: AnyNetwork) -> bool:
 def _architecture(net: AnyNetwork) -> dict:
     if isinstance(net, Network):
         return {"sizes": list(net.sizes), "activations": list(net.activations)}
-    return {"architecture": repr(net), "structure": str(jax.tree.structure(net))}
+    from purebp import checkpoint as _checkpoint
+
+    return {"architecture": _checkpoint.describe_network(net)}
 
 
 def _run_config(net: AnyNetwork, run: _Run, opt_state: Any, settings: dict | None) -> dict:
@@ -778,16 +780,18 @@ def _digest(*arrays: Array) -> str:
     return digest.hexdigest()[:16]
 
 
-def _restore(run: _Run, config: dict, opt_state: Any) -> tuple[Network, Any, int, dict] | None:
+def _restore(run: _Run, config: dict, opt_state: Any, net: AnyNetwork) -> tuple[AnyNetwork, Any, int, dict] | None:
     """Load ``run.checkpoint`` if it exists and belongs to this run; return (net, opt_state, step, history)."""
     from purebp import checkpoint as _checkpoint
 
     if not os.path.exists(run.checkpoint):
         run.log(f"no checkpoint at {run.checkpoint}: starting fresh")
         return None
-    saved = _checkpoint.load_checkpoint(run.checkpoint)  # settings first: they name what differs
+    # a Sequential may hold layers of the user's own, which only the network given to fit can rebuild
+    template = None if isinstance(net, Network) else net
+    saved = _checkpoint.load_checkpoint(run.checkpoint, net_template=template)  # settings first: they name what differs
     _check_resumable(saved, config, run)
-    restored = _checkpoint.load_checkpoint(run.checkpoint, opt_state_template=opt_state)
+    restored = _checkpoint.load_checkpoint(run.checkpoint, opt_state_template=opt_state, net_template=template)
     history = {name: list(values) for name, values in restored.metadata["history"].items()}
     return restored.net, restored.opt_state, restored.step, history
 

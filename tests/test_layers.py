@@ -335,3 +335,19 @@ def test_a_dropout_run_cut_mid_epoch_resumes_bit_for_bit(tmp_path):
     pb.fit(net, (x, y), steps=4, checkpoint=path, **run)  # cut in epoch 1 (3 steps per epoch)
     resumed, _ = pb.fit(net, (x, y), steps=7, checkpoint=path, resume=True, **run)
     assert _same(whole, resumed)
+
+
+def test_resuming_with_a_changed_layer_is_refused_naming_it_and_a_custom_layer_resumes(tmp_path):
+    x, y = _data(n=12)
+    run = dict(loss="softmax_cross_entropy", optimizer=optax.sgd(0.1), batch_size=4, key=jax.random.key(1))
+    path = tmp_path / "ck.npz"
+    pb.fit(_resnet(dropout=0.3), (x, y), steps=3, checkpoint=path, **run)
+    with pytest.raises((ValueError, pb.CheckpointError), match="rate"):
+        pb.fit(_resnet(dropout=0.2), (x, y), steps=6, checkpoint=path, resume=True, **run)
+    custom = pb.init_network(jax.random.key(0), (4,), [pb.dense(3, "tanh"), Scale(jnp.ones(3, F64)), pb.dense(3)],
+                             dtype=F64)  # fmt: skip
+    whole, _ = pb.fit(custom, (x, y), steps=6, **run)
+    other = tmp_path / "custom.npz"
+    pb.fit(custom, (x, y), steps=2, checkpoint=other, **run)
+    resumed, _ = pb.fit(custom, (x, y), steps=6, checkpoint=other, resume=True, **run)
+    assert _same(whole, resumed)
