@@ -118,7 +118,7 @@ def _fast_compile_call(net: AnyNetwork, x: Array, y: Array, loss: str, reduction
     # ahead of time, the executable is in no cache: it is freed when this returns.
     with jax.disable_jit():
         lowered = jitted.trace(net, x, y, loss, reduction, key).lower()
-    return lowered.compile()(net, x, y, key=key)
+    return lowered.compile()(net, x, y, key)
 
 
 @dataclasses.dataclass(frozen=True)
