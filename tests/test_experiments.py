@@ -120,3 +120,119 @@ def test_template_is_short():
     """The issue's promise: a new experiment with the public API in under 40 lines."""
     lines = (ROOT / "experiments" / "template.py").read_text().splitlines()
     assert len(lines) < 40, f"experiments/template.py has {len(lines)} lines"
+
+
+# ---------------------------------------------------------------- residual and layer-norm studies (issue 12)
+
+
+def test_mnist1d_residual_quick_writes_well_formed_outputs(outputs):
+    """mnist1d_residual --quick: CSV, Markdown, PNG and JSON, one purebp run of the authors' MLP that learned."""
+    import json
+
+    out = outputs("mnist1d_residual")
+    written = sorted(p.name for p in out.iterdir())
+    expected = [f"mnist1d_residual_quick.{suffix}" for suffix in ("csv", "json", "md", "png")]
+    assert written == expected, f"experiments.mnist1d_residual --quick wrote {written}, expected {expected}"
+    check_csv(out / "mnist1d_residual_quick.csv")
+    check_markdown(out / "mnist1d_residual_quick.md")
+    check_png(out / "mnist1d_residual_quick.png")
+    record = json.loads((out / "mnist1d_residual_quick.json").read_text())
+    assert record["command"] == "python -m experiments.mnist1d_residual --quick"
+    runs = [(r["trainer"], r["model"], r["init"], r["steps"]) for r in record["runs"]]
+    assert runs == [("purebp", "residual", "pytorch", 40)], runs
+    accuracy = record["runs"][0]["test_accuracy"]
+    assert 0.2 < accuracy <= 1.0, f"after 40 Adam steps the test accuracy is {accuracy} (chance is 0.1)"
+    assert record["published"]["mlp_test_accuracy"] == 0.68
+
+
+def test_mnist1d_models_are_the_authors_mlp_and_its_plain_twin():
+    """MLPBase: 15210 parameters, h = relu(W1 x + b1); h = h + relu(W2 h + b2); out = W3 h + b3 (float64).
+
+    The plain model is the same without 'h +', from the same initial weights; the 'pytorch' init is
+    nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import purebp as pb
+    from experiments import mnist1d_residual as study
+
+    nets = {model: study.build(model, "pytorch", seed=3, dtype=jnp.float64) for model in study.MODELS}
+    for model, net in nets.items():
+        count = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(net))
+        assert count == 15210, f"{model}: {count} parameters, MLPBase(40, 10) has 15210"
+    for a, b in zip(jax.tree.leaves(nets["residual"]), jax.tree.leaves(nets["plain"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg="the two models start apart")
+    dense = study.dense_layers(nets["plain"].layers)
+    (w1, b1), (w2, b2), (w3, b3) = [(np.asarray(d.w), np.asarray(d.b)) for d in dense]
+    for w, b in ((w1, b1), (w2, b2), (w3, b3)):
+        bound = 1 / np.sqrt(w.shape[1])
+        assert np.abs(w).max() <= bound and np.abs(b).max() <= bound, f"a draw outside ±{bound} (fan_in {w.shape[1]})"
+        assert np.abs(b).max() > bound / 2, "the biases are not drawn (PyTorch draws them too)"
+    std = float(np.std(w2))  # 10000 draws: the sample std is within ~0.5% of bound / sqrt(3)
+    assert abs(std / (1 / np.sqrt(100) / np.sqrt(3)) - 1) < 0.03, f"W2 std {std}: not U(±1/sqrt(100))"
+
+    x = np.random.default_rng(0).normal(size=(7, 40))
+    h = np.maximum(x @ w1.T + b1, 0)
+    expected = {
+        "residual": (h + np.maximum(h @ w2.T + b2, 0)) @ w3.T + b3,
+        "plain": np.maximum(h @ w2.T + b2, 0) @ w3.T + b3,
+    }
+    for model, net in nets.items():
+        out = np.asarray(pb.forward(net, x))
+        np.testing.assert_allclose(out, expected[model], rtol=1e-12, atol=1e-12, err_msg=model)
+
+
+def test_vanishing_gradient_variants_are_the_stated_networks():
+    """residual / layernorm / residual+layernorm: the layers the study's table says, depth hidden dense layers each."""
+    import jax
+
+    from experiments import vanishing_gradients as study
+
+    depth, hidden, out = 4, "dense(8, sigmoid)", "dense(3, identity)"
+    expected = {
+        "residual": [hidden] + ["residual(dense(8, sigmoid))"] * (depth - 1) + [out],
+        "layernorm": [hidden, "layer_norm"] * depth + [out],
+        "residual+layernorm": [hidden] + ["residual(layer_norm, dense(8, sigmoid))"] * (depth - 1) + [out],
+    }
+    assert set(expected) == set(study.VARIANTS[1:])
+    for variant, kinds in expected.items():
+        net = study.build(variant, "sigmoid", depth, 8, 5, 3, jax.random.key(0))
+        assert [study.describe(layer) for layer in net.layers] == kinds, variant
+        assert net.input_shape == (5,)
+
+
+def test_vanishing_gradients_residual_ratio_uses_dense_deltas_and_does_not_vanish():
+    """measure_stack's first and last delta norms are mean_n ||dC^n/dz^1|| and ||dC^n/dz^L|| (autodiff, float64).
+
+    And the skip connections keep delta^1 from vanishing in a deep sigmoid network, where the plain MLP's
+    ||delta^1|| / ||delta^L|| is ~1e-4 at this depth (each sigma' <= 1/4).
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments import vanishing_gradients as study
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 6)), rng.integers(0, 3, 16).astype(np.int32)
+    net = study.build("residual", "sigmoid", 6, 8, 6, 3, jax.random.key(1))
+    net = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), net)
+    _, rows = study.measure_stack(net, jnp.asarray(x), jnp.asarray(y))
+    assert [r["delta_of"] for r in (rows[0], rows[1], rows[-1])] == ["dC/dz", "dC/d(output)", "dC/dz"]
+
+    def total_cost(shift_first, shift_out):  # sum_n C^n with z^1 and z^L shifted: d/dshift = delta per example
+        first, last = net.layers[0], net.layers[-1]
+        a = jax.nn.sigmoid(x @ first.w.T + first.b[None, :] + shift_first)
+        for layer in net.layers[1:-1]:
+            a, _ = layer.forward(a)
+        z = a @ last.w.T + last.b[None, :] + shift_out
+        return jnp.sum(jax.nn.logsumexp(z, axis=1) - z[jnp.arange(len(y)), y])
+
+    delta_first, delta_out = jax.jit(jax.grad(total_cost, argnums=(0, 1)))(jnp.zeros((16, 8)), jnp.zeros((16, 3)))
+    for row, delta in ((rows[0], delta_first), (rows[-1], delta_out)):
+        reference = float(np.mean(np.linalg.norm(np.asarray(delta), axis=1)))
+        assert abs(row["delta_norm"] - reference) <= 1e-10 * reference, (row["layer"], row["delta_norm"], reference)
+    ratio = rows[0]["delta_norm"] / rows[-1]["delta_norm"]
+    assert ratio > 0.05, f"residual sigmoid, 6 hidden layers: ||delta^1|| / ||delta^L|| = {ratio}"
