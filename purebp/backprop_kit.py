@@ -564,14 +564,19 @@ CATALOGUE: tuple[Mistake, ...] = (
     Mistake(
         "bp3_batch_scaling",
         "BP3",
-        lambda c, l, d: _if(c.N >= 2, lambda: d[l].sum(axis=0) * (1.0 / c.N if c.spec.reduction == "sum" else 1.0)),
+        lambda c, l, d: _if(c.N >= 2, lambda: c.scale * d[l].sum(axis=0) / c.N),
         lambda c, l: (
-            f"your ∂C/∂b{_sup(l)} is scaled differently from the weight gradient: it is "
-            + (
-                "the mean over the batch where the sum was asked"
-                if c.spec.reduction == "sum"
-                else "the sum over the batch where the mean was asked (reduction='mean')"
-            )
+            f"your ∂C/∂b{_sup(l)} is 1/N of the expected while the weight gradient is right: divided by "
+            "the batch size once too often (the mean where the sum was meant)"
+        ),
+    ),
+    Mistake(
+        "bp3_batch_scaling_n",
+        "BP3",
+        lambda c, l, d: _if(c.N >= 2, lambda: c.scale * d[l].sum(axis=0) * c.N),
+        lambda c, l: (
+            f"your ∂C/∂b{_sup(l)} is N times the expected while the weight gradient is right: "
+            "not divided by the batch size (the sum where the mean was meant)"
         ),
     ),
     # BP4: dC/dW^l from the correct delta^l
@@ -605,14 +610,19 @@ CATALOGUE: tuple[Mistake, ...] = (
     Mistake(
         "bp4_batch_scaling",
         "BP4",
-        lambda c, l, d: _if(c.N >= 2, lambda: d[l].T @ c.a[l - 1] * (1.0 / c.N if c.spec.reduction == "sum" else 1.0)),
+        lambda c, l, d: _if(c.N >= 2, lambda: c.scale * d[l].T @ c.a[l - 1] / c.N),
         lambda c, l: (
-            f"your ∂C/∂W{_sup(l)} is scaled differently from the bias gradient: it is "
-            + (
-                "the mean over the batch where the sum was asked"
-                if c.spec.reduction == "sum"
-                else "the sum over the batch where the mean was asked (reduction='mean')"
-            )
+            f"your ∂C/∂W{_sup(l)} is 1/N of the expected while the bias gradient is right: divided by "
+            "the batch size once too often (the mean where the sum was meant)"
+        ),
+    ),
+    Mistake(
+        "bp4_batch_scaling_n",
+        "BP4",
+        lambda c, l, d: _if(c.N >= 2, lambda: c.scale * d[l].T @ c.a[l - 1] * c.N),
+        lambda c, l: (
+            f"your ∂C/∂W{_sup(l)} is N times the expected while the bias gradient is right: "
+            "not divided by the batch size (the sum where the mean was meant)"
         ),
     ),
     Mistake(
@@ -872,9 +882,23 @@ def _evaluate(fn: Callable, spec: _Spec, case: BackpropCase) -> _Outcome:
     errors = _errors([a for _, _, a in named], ref_leaves, floor)
     table = [(name, err) for (name, _, _), err in zip(named, errors)]
     finite = all(np.all(np.isfinite(a)) for _, _, a in named)
-    if finite and max(errors) <= tolerance:
+    deltas_right = deltas is None or _deltas_match(ctx, deltas, tolerance, floor)
+    if finite and max(errors) <= tolerance and deltas_right:
         return _Outcome("passed", max_error=max(errors))
     return _diagnose(ctx, gw, gb, deltas, ref_w, ref_b, table, tolerance, floor)
+
+
+def _delta_scale(ctx: _Ctx, deltas: list, tolerance: float, floor: float) -> float:
+    # per-example deltas dC^n/dz, or dL/dz = those / N under reduction="mean": whichever delta^L fits
+    if ctx.scale != 1.0 and max(_errors([deltas[ctx.L]], [ctx.scale * ctx.delta[ctx.L]], floor)) <= tolerance:
+        return ctx.scale
+    return 1.0
+
+
+def _deltas_match(ctx: _Ctx, deltas: list, tolerance: float, floor: float) -> bool:
+    scale = _delta_scale(ctx, deltas, tolerance, floor)
+    reference = [scale * ctx.delta[l] for l in range(1, ctx.L + 1)]
+    return all(np.all(np.isfinite(d)) for d in deltas[1:]) and max(_errors(deltas[1:], reference, floor)) <= tolerance
 
 
 def _diagnose(ctx: _Ctx, gw, gb, deltas, ref_w, ref_b, table, tolerance, floor) -> _Outcome:
@@ -883,7 +907,7 @@ def _diagnose(ctx: _Ctx, gw, gb, deltas, ref_w, ref_b, table, tolerance, floor) 
     user = [a for _, _, a in _leaves(gw, gb, L)]
     ref = [a for _, _, a in _leaves(ref_w, ref_b, L)]
     wrong = [(name, l) for (name, l, _), (_, err) in zip(_leaves(gw, gb, L), table) if not err <= tolerance]
-    top = max(l for _, l in wrong)
+    top = max((l for _, l in wrong), default=L)
 
     def same(a_list, b_list) -> bool:
         return max(_errors(a_list, b_list, floor)) <= match_tol
@@ -891,9 +915,7 @@ def _diagnose(ctx: _Ctx, gw, gb, deltas, ref_w, ref_b, table, tolerance, floor) 
     # 1. deltas returned: compare them directly, from the output down
     if deltas is not None:
         user_delta = deltas
-        # per-example deltas dC^n/dz, or dL/dz = those / N under reduction="mean"
-        scaled = ctx.scale != 1.0 and same([user_delta[L]], [ctx.scale * ctx.delta[L]])
-        scale = ctx.scale if scaled else 1.0
+        scale = _delta_scale(ctx, deltas, match_tol, floor)
         for l in range(L, 0, -1):
             if not same([user_delta[l]], [scale * ctx.delta[l]]):
                 equation = "BP1" if l == L else "BP2"
