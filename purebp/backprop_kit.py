@@ -31,8 +31,12 @@ that witness on every case.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import importlib
+import importlib.util
 import math
+import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 
@@ -115,6 +119,7 @@ class BackpropReport:
     errors: tuple[tuple[str, float], ...] = ()
     shrunk_from: BackpropCase | None = None
     max_error: float = 0.0
+    note: str = ""
 
     def replay_line(self) -> str:
         s = self.settings
@@ -140,6 +145,8 @@ class BackpropReport:
         if self.errors:
             shown = ", ".join(f"{name} {err:.2g}" for name, err in self.errors)
             lines.append(f"  relative error per gradient vs jax.grad, from the output down: {shown}")
+        if self.note:
+            lines.append(f"  {self.note}")
         lines.append(f"  replay: {self.replay_line()}")
         return "\n".join(lines)
 
@@ -774,8 +781,17 @@ def _shape_hint(ctx: _Ctx, kind: str, l: int, got: tuple, expected: tuple, layou
         return f" — that is the transpose: BP4 is δ{_sup(l)} (a{_sup(l - 1)})ᵀ, not a{_sup(l - 1)} (δ{_sup(l)})ᵀ", (
             "bp4_transposed"
         )
-    if kind == "b" and layout != "examples" and got in ((n, N), (N, n)) and N > 1:
-        return f" — that looks like δ{_sup(l)} for every example: sum it over the batch", "bp3_not_summed"
+    if kind == "W" and got == (n, n) and n != ctx.case.sizes[l - 1]:
+        return f" — δ{_sup(l)} (a{_sup(l)})ᵀ has that shape: BP4 takes the layer's input a{_sup(l - 1)}", (
+            "bp4_activation_of_layer_l"
+        )
+    unsummed = {"columns": (n, N), "rows": (N, n)}.get(layout)
+    if kind == "b" and got == unsummed:
+        return (
+            f" — that is the shape of δ{_sup(l)} for every example (N = {N}): sum it over the batch"
+            + (" (with N = 1 it may also be a bias kept as a column: return it 1-D)" if N == 1 else ""),
+            "bp3_not_summed",
+        )
     if kind == "b" and layout != "examples" and got == (N,):
         return f" — that looks like δ{_sup(l)} summed over the units: sum over the batch instead", "bp3_wrong_axis"
     if kind == "b" and layout != "examples" and got in ((n, 1), (1, n)):
@@ -1047,6 +1063,24 @@ def _shrink(fn: Callable, spec: _Spec, case: BackpropCase, outcome: _Outcome, bu
     return case, outcome
 
 
+def _square_retry(fn: Callable, spec: _Spec, case: BackpropCase, outcome: _Outcome, max_batch: int):
+    """fn raised: a mistake like W instead of Wᵀ only runs on square layers. Try networks of equal widths
+    (and a batch equal to the width, for a sum over the wrong axis); if one runs and fails, diagnose that."""
+    for width in range(max(2, spec.min_output_width), spec.max_width + 1):
+        for batch in dict.fromkeys((case.batch, width)):
+            square = BackpropCase((width,) * len(case.sizes), batch, case.seed)
+            result = _evaluate(fn, spec, square)
+            if result.kind in ("mismatch", "shape"):
+                square, result = _shrink(fn, spec, square, result)
+                note = (
+                    f"on {case} {outcome.detail[0].lower() + outcome.detail[1:]}; on layers of equal width it "
+                    f"runs, and the diagnosis above is from such a case (replay the raising one with "
+                    f"case={case.as_dict()!r})"
+                )
+                return square, result, note
+    return case, outcome, ""
+
+
 def _coerce_case(case: object) -> BackpropCase:
     if isinstance(case, BackpropCase):
         return case
@@ -1142,8 +1176,11 @@ def check_backprop(
                 worst = max(worst, outcome.max_error)
                 continue
             first = current
+            note = ""
             if shrink and replay is None:
                 current, outcome = _shrink(fn, spec, current, outcome)
+                if outcome.kind == "exception":
+                    current, outcome, note = _square_retry(fn, spec, current, outcome, max_batch)
             return BackpropReport(
                 passed=False,
                 layer=outcome.layer,
@@ -1157,6 +1194,7 @@ def check_backprop(
                 errors=outcome.errors,
                 shrunk_from=first,
                 max_error=max((e for _, e in outcome.errors), default=math.inf),
+                note=note,
             )
     return BackpropReport(True, None, None, None, "passed", None, "", count, settings, max_error=worst)
 
@@ -1167,3 +1205,73 @@ def assert_backprop_matches(fn: Callable, **kwargs) -> BackpropReport:
     if not report.passed:
         raise AssertionError(str(report))
     return report
+
+
+def _load_function(target: str) -> Callable:
+    """``module:function`` or ``path/to/file.py:function``, imported from the current directory."""
+    module_name, sep, function_name = target.rpartition(":")
+    if not sep or not module_name or not function_name:
+        raise ValueError(f"expected MODULE:FUNCTION (or path/to/file.py:FUNCTION), got {target!r}")
+    if module_name.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(module_name[:-3].replace("/", "_"), module_name)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"cannot load {module_name!r}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        if "" not in sys.path:
+            sys.path.insert(0, "")  # a module next to the caller, as `python -m` would find it
+        module = importlib.import_module(module_name)
+    fn = getattr(module, function_name, None)
+    if not callable(fn):
+        raise ValueError(f"{module_name!r} has no function {function_name!r}")
+    return fn
+
+
+def main_check_backprop(argv: Sequence[str] | None = None) -> int:
+    """``purebp check-backprop MODULE:FUNCTION --activation sigmoid --loss mse --layout columns``.
+
+    Prints the report; exit status 0 when it passed, 1 on a mismatch (or an exception in the function),
+    2 on bad arguments.
+    """
+    parser = argparse.ArgumentParser(
+        prog="purebp check-backprop",
+        description="Check your own backward pass fn(weights, biases, x, y) against autodiff on random networks.",
+    )
+    parser.add_argument("target", help="MODULE:FUNCTION or path/to/file.py:FUNCTION")
+    parser.add_argument("--activation", required=True, help="hidden-layer activation (purebp's registry)")
+    parser.add_argument("--output", default=None, help="output activation (default: the loss's, else --activation)")
+    parser.add_argument("--loss", required=True, help="cost (purebp's registry)")
+    parser.add_argument("--reduction", default="sum", choices=("sum", "mean"))
+    parser.add_argument("--layout", default="columns", choices=LAYOUTS)
+    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-depth", type=int, default=3)
+    parser.add_argument("--max-width", type=int, default=6)
+    parser.add_argument("--max-batch", type=int, default=5)
+    parser.add_argument("--dtype", default="float64", choices=DTYPES)
+    args = parser.parse_args(argv)
+    try:
+        fn = _load_function(args.target)
+        output = args.output
+        if output is None:
+            output = _losses.get(args.loss).output_activation or args.activation
+        report = check_backprop(
+            fn,
+            activation=args.activation,
+            output=output,
+            loss=args.loss,
+            reduction=args.reduction,
+            layout=args.layout,
+            trials=args.trials,
+            seed=args.seed,
+            max_depth=args.max_depth,
+            max_width=args.max_width,
+            max_batch=args.max_batch,
+            dtype=args.dtype,
+        )
+    except (ValueError, TypeError, ImportError) as error:
+        print(f"purebp check-backprop: error: {error}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0 if report.passed else 1

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from purebp.backprop_kit import BackpropCase, assert_backprop_matches, check_backprop
+from purebp.backprop_kit import BackpropCase, assert_backprop_matches, check_backprop, main_check_backprop
 
 
 def sigmoid(z):
@@ -41,7 +41,8 @@ def notes_columns(bug=None, return_deltas=False):
             deltas[-1] = (a[-1] - y) * sigmoid_prime(zs[-1])  # BP1
         for l in range(L - 2, -1, -1):
             g = sigmoid_prime(a[l + 1]) if bug == "bp2_derivative_at_a" else sigmoid_prime(zs[l])
-            deltas[l] = (weights[l + 1].T @ deltas[l + 1]) * g  # BP2
+            w = weights[l + 1] if bug == "bp2_no_transpose" else weights[l + 1].T
+            deltas[l] = (w @ deltas[l + 1]) * g  # BP2
         gb = [d.sum(axis=1) for d in deltas]  # BP3
         gw = [d @ a[l].T for l, d in enumerate(deltas)]  # BP4
         if bug == "bp3_wrong_axis":
@@ -259,3 +260,58 @@ def test_bad_settings_are_refused_before_anything_runs():
         check_backprop(notes_columns(), activation="softmax", output="sigmoid", loss="mse")
     with pytest.raises(ValueError, match="loss"):
         check_backprop(notes_columns(), activation="sigmoid", output="sigmoid", loss="cross_entropy")
+
+
+def test_a_mistake_that_only_runs_on_square_layers_is_still_named():
+    # W δ instead of Wᵀ δ raises on most shapes; the kit finds equal widths where it runs, and names it
+    report = check_backprop(notes_columns("bp2_no_transpose"), **COLUMNS, seed=0)
+    assert (report.equation, report.mistake) == ("BP2", "bp2_no_transpose"), str(report)
+    sizes = report.case.sizes
+    assert report.layer == report.case.depth - 1 and sizes[-1] == sizes[-2]  # square where W δ runs
+    assert "raised" in report.note and "replay the raising one" in str(report)
+
+
+def test_float32_implementations_are_checked_at_the_float32_tolerance():
+    report = check_backprop(notes_columns(), **COLUMNS, trials=20, dtype="float32")
+    assert report.passed, str(report)
+    assert 1e-9 < report.max_error < 1e-5  # it really ran in float32
+    assert not check_backprop(notes_columns("bp2_derivative_at_a"), **COLUMNS, dtype="float32").passed
+
+
+STUDENT_FILE = """
+import numpy as np
+
+
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def backprop(weights, biases, x, y, wrong=False):
+    a, zs = [x], []
+    for w, b in zip(weights, biases):
+        zs.append(w @ a[-1] + b[:, None])
+        a.append(sigmoid(zs[-1]))
+    deltas = [None] * len(weights)
+    deltas[-1] = (a[-1] - y) * a[-1] * (1 - a[-1])
+    for l in range(len(weights) - 2, -1, -1):
+        s = sigmoid(a[l + 1]) if wrong else a[l + 1]
+        deltas[l] = (weights[l + 1].T @ deltas[l + 1]) * s * (1 - s)
+    return [d @ a[l].T for l, d in enumerate(deltas)], [d.sum(axis=1) for d in deltas]
+
+
+def broken(weights, biases, x, y):
+    return backprop(weights, biases, x, y, wrong=True)
+"""
+
+
+def test_command_line_exit_status_and_report(tmp_path, capsys):
+    path = tmp_path / "student.py"
+    path.write_text(STUDENT_FILE)
+    common = ["--activation", "sigmoid", "--loss", "mse", "--layout", "columns", "--trials", "10"]
+    assert main_check_backprop([f"{path}:backprop", *common]) == 0
+    assert "passed" in capsys.readouterr().out
+    assert main_check_backprop([f"{path}:broken", *common]) == 1
+    out = capsys.readouterr().out
+    assert "layer 1 (BP2)" in out and "G'(a¹)" in out and "replay:" in out
+    assert main_check_backprop([f"{path}:missing", *common]) == 2
+    assert "no function 'missing'" in capsys.readouterr().err
