@@ -13,6 +13,7 @@ positives: every trial of a correct pass that the kit reports as failing is one.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -260,7 +261,7 @@ def main(argv=None) -> int:
         "",
         f"Measured on {_common.machine()}; `python -m experiments.diagnosis{' --quick' if args.quick else ''}` "
         f"(seed {args.seed}): {diagnosis_seconds:.0f} s for the mistakes, {fp_seconds:.0f} s for the false "
-        "positives.",
+        f"positives; load average {os.getloadavg()[0]:.1f} at the end (a shared machine).",
         "",
         f"Each (mistake, layout) runs `check_backprop(..., trials=20, seed=s)` for {len(seeds)} seeds. "
         "*right layer*: `report.layer` is the layer of the mistake in the shrunk case (the loop's mistakes: L-1 "
