@@ -315,3 +315,42 @@ def test_command_line_exit_status_and_report(tmp_path, capsys):
     assert "layer 1 (BP2)" in out and "G'(a¹)" in out and "replay:" in out
     assert main_check_backprop([f"{path}:missing", *common]) == 2
     assert "no function 'missing'" in capsys.readouterr().err
+
+
+def test_a_registered_activation_is_used_by_name():
+    import purebp as pb
+
+    name = "kit_test_softsign"  # z / (1 + |z|), G' = 1 / (1 + |z|)^2
+    pb.register_activation(
+        name, lambda z: z / (1.0 + jnp.abs(z)), lambda z: 1.0 / (1.0 + jnp.abs(z)) ** 2, overwrite=True
+    )
+
+    def softsign_backprop(weights, biases, x, y, prime=lambda z: 1.0 / (1.0 + np.abs(z)) ** 2):
+        a, zs = [x], []
+        for w, b in zip(weights, biases):
+            zs.append(w @ a[-1] + b[:, None])
+            a.append(zs[-1] / (1.0 + np.abs(zs[-1])))
+        deltas = [(a[-1] - y) * prime(zs[-1])]
+        for l in range(len(weights) - 2, -1, -1):
+            deltas.insert(0, (weights[l + 1].T @ deltas[0]) * prime(zs[l]))
+        return [d @ a[l].T for l, d in enumerate(deltas)], [d.sum(axis=1) for d in deltas]
+
+    assert_backprop_matches(softsign_backprop, activation=name, output=name, loss="mse", trials=20)
+    report = check_backprop(lambda *args: softsign_backprop(*args, prime=lambda z: 1.0 / (1.0 + np.abs(z))),
+                            activation=name, output=name, loss="mse")  # fmt: skip
+    assert (report.layer, report.equation) == (report.case.depth, "BP1"), str(report)
+
+
+@pytest.mark.parametrize(
+    "fn, settings, mistake",
+    [
+        (notes_columns("bp2_derivative_at_a"), COLUMNS, "bp2_derivative_at_a"),
+        (nielsen_examples("bp2_no_derivative"), EXAMPLES, "bp2_no_derivative"),
+    ],
+)
+def test_a_mistake_in_the_loop_is_located_at_its_first_layer_from_the_output(fn, settings, mistake):
+    # replayed unshrunk on four layers: the BP2 mistake is in layers 3, 2, 1; the first from the output is 3
+    report = check_backprop(fn, **settings, case=dict(sizes=(3, 4, 5, 4, 2), batch=3, seed=5))
+    assert (report.layer, report.equation, report.mistake) == (3, "BP2", mistake), str(report)
+    assert "the same in layers 3, 2, 1" in report.detail
+    assert [name for name, err in report.errors if err > 1e-6] == ["W³", "b³", "W²", "b²", "W¹", "b¹"]
