@@ -192,3 +192,7 @@ def assert_gradients_match(
     if not report.passed:
         raise AssertionError("hand-written gradient differs from jax.grad\n" + str(report))
     return report
+
+
+# users' own backward passes (issue 15): check_backprop lives in backprop_kit.py, re-exported here
+from purebp.backprop_kit import assert_backprop_matches, check_backprop  # noqa: E402, F401
