@@ -551,9 +551,29 @@ def run_launch(args: argparse.Namespace) -> int:
         return 2
 
 
+# ---------------------------------------------------------------- purebp check-backprop
+
+
+def add_check_backprop_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "check-backprop",
+        add_help=False,  # its own parser (purebp.backprop_kit.main_check_backprop) answers --help
+        help="check your own backward pass fn(weights, biases, x, y) against autodiff: MODULE:FUNCTION --activation "
+        "sigmoid --loss mse --layout columns (exit 1 on a mismatch)",
+    )
+    parser.add_argument("arguments", nargs=argparse.REMAINDER)
+    parser.set_defaults(handler=run_check_backprop)
+
+
+def run_check_backprop(args: argparse.Namespace) -> int:
+    from purebp.backprop_kit import main_check_backprop
+
+    return main_check_backprop(args.arguments)
+
+
 # ---------------------------------------------------------------- entry point
 
-PARSERS = [add_verify_parser, add_train_parser, add_bench_parser, add_launch_parser]
+PARSERS = [add_verify_parser, add_train_parser, add_bench_parser, add_launch_parser, add_check_backprop_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -565,6 +585,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["check-backprop"]:  # its own parser takes everything after the name, --help included
+        from purebp.backprop_kit import main_check_backprop
+
+        return main_check_backprop(argv[1:])
     args = build_parser().parse_args(argv)
     return args.handler(args)
 

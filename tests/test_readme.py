@@ -34,3 +34,20 @@ def test_custom_layer_example_runs():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "PASS" in result.stdout
+
+
+def test_testing_your_own_backprop_example_passes_under_pytest(tmp_path):
+    """The pytest file of "Testing your own backprop", as a user saves and runs it; then via the CLI."""
+    (tmp_path / "test_my_backprop.py").write_text(python_block_after("## Testing your own backprop"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_my_backprop.py")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+    cli = subprocess.run(
+        [sys.executable, "-m", "purebp.cli", "check-backprop", str(tmp_path / "test_my_backprop.py") + ":my_backprop",
+         "--activation", "sigmoid", "--loss", "mse", "--layout", "columns", "--trials", "5"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stdout + cli.stderr
