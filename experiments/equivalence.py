@@ -396,6 +396,510 @@ def _previous_rows(path: Path, oracles, label: str, specs) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- stacks over every layer kind (--layers all)
+#
+# Random stacks of dense layers, residual blocks (nested once), layer norm and dropout (with or without a
+# key), drawn by purebp.testing.random_stack_spec, each compared with three oracles:
+#
+# - jax.grad of the same forward pass and cost: the two programs check_gradients(fast_compile=True)
+#   compiles together (backprop.compiled_value_and_grad, check.compiled_autodiff_value_and_grad), with
+#   its compiler options, matmul precision and per-leaf measure (check.compare_gradients, check.TOLERANCE,
+#   check.FLOOR), compiled here so that the same h also goes to the two other oracles;
+# - the NumPy float64 layer oracle (reference/numpy_layers.py) on the same parameters, with the dropout
+#   masks the engine draws (``plain_layers``), when that file exists;
+# - float64 finite differences (Ridders, reference.finite_differences) of purebp's own forward pass and cost
+#   along a random unit direction per leaf, vs <h, v>, on every ``fd_every``-th architecture; the steps
+#   never move a relu/leaky_relu/elu pre-activation across 0 (``KINKED``) and the masks stay fixed (the key
+#   does not depend on the parameters).
+
+STACK_LIMITS = {"max_depth": 6, "max_width": 24, "max_batch": 24}
+STACK_QUICK_LIMITS = {"max_depth": 4, "max_width": 6, "max_batch": 5}
+STACK_FD_EVERY = 4
+
+
+def numpy_layers_oracle():
+    """The module reference.numpy_layers, or None while that oracle is not in this checkout."""
+    if not (Path(__file__).resolve().parent.parent / "reference" / "numpy_layers.py").exists():
+        return None
+    from reference import numpy_layers
+
+    return numpy_layers
+
+
+def _draw_masks(layers, keys, batch: int, shape: tuple, dtype) -> list:
+    from purebp.layers import Dense, Dropout, Residual, layer_keys
+
+    masks = []
+    for index, layer in enumerate(layers):
+        keys_here = layer_keys(keys, index)
+        if isinstance(layer, Dropout) and layer.rate > 0:
+            masks.append(layer.forward(jax.numpy.ones((batch,) + shape, dtype=dtype), keys_here)[1])
+        elif isinstance(layer, Residual):
+            masks.append(_draw_masks(layer.layers, keys_here, batch, shape, dtype))
+        else:
+            masks.append(None)
+        if isinstance(layer, Dense):
+            shape = (layer.w.shape[0],)
+    return masks
+
+
+def dropout_masks(net, batch: int, key) -> list:
+    """Per layer of ``net``: the 0/1 keep mask (NumPy float64, shape (batch,) + its input shape) that a dropout
+    layer draws under ``key``, a nested list for a residual block, None for any other layer or without a key.
+
+    Drawn as the engine documents it, not read back from its forward pass: example n of layer ``index`` gets
+    ``fold_in(fold_in(key, n), index)`` (``purebp.layers.example_keys`` / ``layer_keys``, folded once more
+    per residual body), and the dropout layer's own ``forward`` turns those keys into its mask.
+    """
+    from purebp.layers import example_keys
+
+    def to_numpy(masks):
+        return [to_numpy(m) if isinstance(m, list) else None if m is None else (np.asarray(m) != 0).astype(float)
+                for m in masks]  # fmt: skip
+
+    if key is None:
+        return to_numpy(_draw_masks(net.layers, None, batch, net.input_shape, net.dtype))
+
+    def draw(key):
+        return _draw_masks(net.layers, example_keys(key, batch), batch, net.input_shape, net.dtype)
+
+    return to_numpy(compile_once(fast_jit(draw), key)(key))
+
+
+def plain_layers(net, batch: int, key) -> list[dict]:
+    """The ``Sequential`` ``net`` as the NumPy oracle's list of dicts (float64 copies), with the keep masks
+    its dropout layers draw for a batch of ``batch`` under ``key`` (None: inference, no masks)."""
+    from purebp.layers import Dense, Dropout, LayerNorm, Residual
+
+    def convert(layers, masks) -> list[dict]:
+        plain = []
+        for layer, mask in zip(layers, masks):
+            if isinstance(layer, Dense):
+                w, b = np.asarray(layer.w, np.float64), np.asarray(layer.b, np.float64)
+                plain.append({"kind": "dense", "w": w, "b": b, "activation": layer.activation})
+            elif isinstance(layer, Residual):
+                plain.append({"kind": "residual", "layers": convert(layer.layers, mask)})
+            elif isinstance(layer, LayerNorm):
+                scale, offset = np.asarray(layer.scale, np.float64), np.asarray(layer.offset, np.float64)
+                plain.append({"kind": "layer_norm", "scale": scale, "offset": offset, "eps": layer.eps})
+            elif isinstance(layer, Dropout):
+                plain.append({"kind": "dropout", "rate": layer.rate, "mask": mask})
+            else:
+                raise TypeError(f"the NumPy oracle has no layer like {layer!r}")
+        return plain
+
+    return convert(net.layers, dropout_masks(net, batch, key))
+
+
+def plain_grad_leaves(grads: list[dict]) -> list[np.ndarray]:
+    """The oracle's gradients in purebp's leaf order: dense w, b; layer norm scale, offset; residual bodies."""
+    leaves = []
+    for grad in grads:
+        if "layers" in grad:
+            leaves += plain_grad_leaves(grad["layers"])
+        else:
+            leaves += [grad[name] for name in ("w", "b", "scale", "offset") if name in grad]
+    return leaves
+
+
+def _upcast(tree):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64) if np.issubdtype(a.dtype, np.floating) else a, tree)
+
+
+def _kinked_signs(layers, caches) -> list[np.ndarray]:
+    """z > 0 for every relu/leaky_relu/elu dense layer, residual bodies included, from a forward pass's caches."""
+    from purebp.layers import Dense, Residual
+
+    signs = []
+    for layer, cache in zip(layers, caches):
+        if isinstance(layer, Dense) and layer.activation in KINKED:
+            signs.append(cache.pre_activation > 0)
+        elif isinstance(layer, Residual):
+            signs += _kinked_signs(layer.layers, cache)
+    return signs
+
+
+def fast_jit(function, **options):
+    """``jax.jit`` with the compiler options of check_gradients(fast_compile=True): these run once each."""
+    return jax.jit(function, compiler_options=pb.check.FAST_COMPILE_OPTIONS.get(jax.default_backend()), **options)
+
+
+def compile_once(jitted, *args):
+    # as check_gradients(fast_compile=True): traced with jit disabled (one flat program), compiled ahead of
+    # time, so the executable is freed with its last reference instead of filling the compilation cache
+    with jax.disable_jit():
+        lowered = jitted.trace(*args).lower()
+    return lowered.compile()
+
+
+def fast_handwritten_value_and_grad(case) -> tuple:
+    """(L, dL/dtheta) of a ``StackCase`` by the hand-written pass, compiled as check_gradients(fast_compile=True)
+    compiles (LLVM -O0 on CPU, matmul precision "highest"): for an architecture that runs once."""
+    jitted = fast_jit(pb.backprop.compiled_value_and_grad, static_argnames=("loss", "reduction"))
+    with jax.default_matmul_precision("highest"):
+        compiled = compile_once(jitted, case.net, case.x, case.y, case.loss, case.reduction, case.key)
+        return compiled(case.net, case.x, case.y, case.key)
+
+
+def _handwritten_and_autodiff(net, x, y, key, loss, reduction):
+    hand = pb.backprop.compiled_value_and_grad(net, x, y, loss, reduction, key)
+    return hand, pb.check.compiled_autodiff_value_and_grad(net, x, y, loss, reduction, key)
+
+
+def _moved_loss_and_signs(net, direction, t, x, y, key, loss, reduction):
+    moved = jax.tree.map(lambda p, d: p + t * d, net, direction)  # theta + t v
+    outputs, caches = pb.backprop.forward_layers(moved, x, key)
+    cost = pb.backprop.output_cost(moved, outputs[-1], caches, y, loss=loss)
+    value = jax.numpy.mean(cost) if reduction == "mean" else jax.numpy.sum(cost)
+    return value, _kinked_signs(moved.layers, caches)
+
+
+def stack_directional_derivatives(case, h_leaves, rng: np.random.Generator) -> list[dict]:
+    """Per leaf of ``case.net``: Ridders' phi'(0), phi(t) = L(theta + t v) of the float64 network, v a random
+    unit direction of that leaf; returns dicts with the estimate, <h, v>, its error estimate and steps.
+
+    One compile per architecture (t and v are arguments). The float32 networks are upcast exactly.
+    """
+    net, x, y = _upcast(case.net), _upcast(case.x), _upcast(case.y)
+    leaves = jax.tree.leaves(net)
+    treedef = jax.tree.structure(net)
+    jitted = fast_jit(_moved_loss_and_signs, static_argnames=("loss", "reduction"))
+    zero = [np.zeros_like(leaf) for leaf in leaves]
+    compiled = compile_once(jitted, net, jax.tree.unflatten(treedef, zero), 0.0, x, y, case.key, case.loss,
+                             case.reduction)  # fmt: skip
+    kinked = _contains_kink(case.net.layers)
+    results = []
+    for index, h in enumerate(h_leaves):
+        direction = rng.standard_normal(h.shape)
+        direction /= np.linalg.norm(direction.ravel())
+        tree = jax.tree.unflatten(treedef, zero[:index] + [direction] + zero[index + 1 :])
+        memo = {}
+
+        def evaluate(t, tree=tree, memo=memo):
+            if t not in memo:
+                value, signs = compiled(net, tree, t, x, y, case.key)
+                memo[t] = (float(value), [np.asarray(s) for s in signs])
+            return memo[t]
+
+        signs_at_zero = evaluate(0.0)[1]
+
+        def smooth(t, evaluate=evaluate, signs_at_zero=signs_at_zero):
+            return all(np.array_equal(s, s0) for s, s0 in zip(evaluate(t)[1], signs_at_zero))
+
+        derivative = finite_differences.directional_derivative(
+            lambda t, evaluate=evaluate: evaluate(t)[0], FD_FIRST_STEP, smooth=smooth if kinked else None
+        )
+        results.append({"derivative": derivative, "projected": float(np.sum(h * direction))})
+    return results
+
+
+def _contains_kink(layers) -> bool:
+    from purebp.layers import Dense, Residual
+
+    return any(
+        (isinstance(layer, Dense) and layer.activation in KINKED)
+        or (isinstance(layer, Residual) and _contains_kink(layer.layers))
+        for layer in layers
+    )
+
+
+def _leaf_kind(parameter: str) -> str:
+    """'dense' or 'layer_norm' by the parameter's name, '... in a residual body' below a residual block."""
+    kind = "layer_norm" if parameter.split(".")[-1] in ("scale", "offset") else "dense"
+    return kind + (" in a residual body" if parameter.startswith("layers[") else "")
+
+
+def run_stack_trial(spec, rng: np.random.Generator, *, finite_differences_too: bool, oracle) -> list[dict]:
+    """One row per (oracle, leaf) and per (oracle, loss value) for this stack."""
+    from purebp.check import compare_gradients, leaf_names
+    from purebp.testing import make_stack_case
+
+    case = make_stack_case(spec)
+    dtype = np.dtype(spec.dtype)
+    tolerance_, floor = TOLERANCE[dtype], FLOOR[dtype]
+    jitted = fast_jit(_handwritten_and_autodiff, static_argnames=("loss", "reduction"))
+    with jax.default_matmul_precision("highest"):  # as check_gradients
+        compiled = compile_once(jitted, case.net, case.x, case.y, case.key, case.loss, case.reduction)
+        (value_h, grads_h), (value_g, grads_g) = compiled(case.net, case.x, case.y, case.key)
+        witness = "fast"
+        if not _finite(grads_g) and _finite(grads_h):
+            # XLA CPU at -O0 can make jax.grad through jnp.max's tie mask (the row max that softmax and
+            # log-softmax subtract) 0/0 = NaN; that is the witness failing, so it runs again at XLA's defaults
+            value_g, grads_g = pb.check.compiled_autodiff_value_and_grad(
+                case.net, case.x, case.y, case.loss, case.reduction, case.key
+            )
+            witness = "default (the -O0 one was not finite)"
+    h_leaves = [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(grads_h)]
+    names = leaf_names(case.net)
+    base = {
+        "architecture": spec.notation,
+        "loss": spec.loss,
+        "reduction": spec.reduction,
+        "dtype": spec.dtype,
+        "batch": spec.batch,
+        "dropout_active": spec.has_dropout,
+        "seed": spec.seed,
+        "witness_compile": witness,
+    }
+
+    def row(oracle: str, layer: int, parameter: str, error: float, status: str = "compared", **fd) -> dict:
+        kind = "loss" if parameter == "loss" else _leaf_kind(parameter)
+        fd = {"fd_step": math.nan, "fd_error_estimate": math.nan, "autodiff_vs_numpy": math.nan, **fd}
+        return {**base, "oracle": oracle, "layer": layer, "param": parameter, "kind": kind, "error": error,
+                "status": status, **fd}  # fmt: skip
+
+    def loss_error(reference: float) -> float:
+        value = float(value_h)
+        return 0.0 if value == reference else abs(value - reference) / max(abs(reference), np.finfo(dtype).tiny)
+
+    rows = [row("jax.grad", -1, "loss", loss_error(float(value_g)))]
+    compared = compare_gradients(grads_h, grads_g, tolerance=tolerance_, floor=floor)
+    rows += [row("jax.grad", layer, name, leaf.relative_error) for (layer, name), leaf in zip(names, compared)]
+    if oracle is not None:
+        plain = plain_layers(case.net, spec.batch, case.key)
+        x, y = np.asarray(case.x, np.float64), np.asarray(_upcast(case.y))
+        value_o, grads_o = oracle.loss_and_grads(plain, x, y, loss=spec.loss, reduction=spec.reduction)
+        oracle_tree = jax.tree.unflatten(jax.tree.structure(grads_h), plain_grad_leaves(grads_o))
+        rows.append(row("numpy", -1, "loss", loss_error(float(value_o))))
+        compared = compare_gradients(grads_h, oracle_tree, tolerance=tolerance_, floor=floor)
+        rows += [row("numpy", layer, name, leaf.relative_error) for (layer, name), leaf in zip(names, compared)]
+        # how far jax.grad's own gradient is from the float64 oracle: tells a wrong h from an ill-conditioned case
+        autodiff = compare_gradients(grads_g, oracle_tree, tolerance=tolerance_, floor=floor)
+        for witness_row, leaf in zip((r for r in rows if r["oracle"] == "jax.grad" and r["param"] != "loss"), autodiff):
+            witness_row["autodiff_vs_numpy"] = leaf.relative_error
+    if finite_differences_too:
+        total = math.sqrt(sum(float(np.sum(h * h)) for h in h_leaves))
+        estimates = stack_directional_derivatives(case, h_leaves, rng)
+        for (layer, name), h, estimate in zip(names, h_leaves, estimates):
+            derivative = estimate["derivative"]
+            if not derivative.smooth:
+                rows.append(row("finite differences", layer, name, math.nan, "kink", fd_step=derivative.step))
+                continue
+            scale = max(float(np.linalg.norm(h.ravel())), floor * total)
+            error = _relative(abs(derivative.value - estimate["projected"]), scale, 0.0)
+            fd = {"fd_step": derivative.step, "fd_error_estimate": _relative(derivative.error, scale, 0.0)}
+            rows.append(row("finite differences", layer, name, error, **fd))
+    return rows
+
+
+def _finite(tree) -> bool:
+    return all(bool(np.all(np.isfinite(np.asarray(leaf)))) for leaf in jax.tree.leaves(tree))
+
+
+def stack_tolerance(row: dict) -> float:
+    """check_gradients' tolerance of h's dtype; finite differences at least FD_TOLERANCE (their own accuracy)."""
+    dtype_tolerance = TOLERANCE[np.dtype(row["dtype"])]
+    return max(FD_TOLERANCE, dtype_tolerance) if row["oracle"] == "finite differences" else dtype_tolerance
+
+
+def summarise_stacks(rows: list[dict], by_kind: bool) -> list[dict]:
+    """Per oracle x dtype (x leaf kind): architectures, comparisons, median and worst error, mismatches."""
+    groups = collections.defaultdict(list)
+    for row in rows:
+        groups[(row["oracle"], row["dtype"], row["kind"] if by_kind else "")].append(row)
+    table = []
+    for (oracle, dtype, kind), members in sorted(
+        groups.items(), key=lambda item: (ORACLES.index(item[0][0]),) + item[0][1:]
+    ):
+        compared = [r for r in members if r["status"] == "compared"]
+        errors = np.asarray([r["error"] for r in compared])
+        table.append(
+            {
+                "oracle": oracle,
+                "dtype": dtype,
+                "kind": kind,
+                "architectures": len({r["seed"] for r in members}),
+                "comparisons": len(members),
+                "kink_skipped": sum(r["status"] == "kink" for r in members),
+                "median": float(np.median(errors)) if errors.size else math.nan,
+                "worst": float(np.max(errors)) if errors.size else math.nan,
+                "tolerance": stack_tolerance(members[0]),
+                "mismatches": int(sum(not r["error"] <= stack_tolerance(r) for r in compared)),
+            }
+        )
+    return table
+
+
+def write_stack_outputs(rows, specs, seconds, out: Path, quick: bool, oracles_run, fd_every: int, load: str,
+                        seed: int = 0) -> None:  # fmt: skip
+    import csv
+
+    from purebp.testing import NOTATION_HELP
+
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / ("equivalence_layers_quick" if quick else "equivalence_layers")
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(f"{stem}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    overall, detail = summarise_stacks(rows, by_kind=False), summarise_stacks(rows, by_kind=True)
+    mismatches = sum(r["mismatches"] for r in overall)
+    n_fd = len({r["seed"] for r in rows if r["oracle"] == "finite differences"})
+
+    def count(predicate) -> int:
+        return sum(bool(predicate(s)) for s in specs)
+
+    from purebp.testing import _contains
+
+    depths = [len(s.layers) for s in specs]
+    lines = [
+        "# Equivalence over every layer kind: hand-written gradient vs jax.grad, the NumPy layer oracle and "
+        "finite differences",
+        "",
+        f"{len(specs)} random stacks (`purebp.testing.random_stack_spec`, generator seed {seed}; "
+        f"{count(lambda s: s.dtype == 'float32')} float32, {count(lambda s: s.dtype == 'float64')} float64; "
+        f"{min(depths)}-{max(depths)} top-level layers; {count(lambda s: _contains(s.layers, 'residual'))} with a "
+        f"residual block, {count(lambda s: any(d[0] == 'residual' and _contains(d[1], 'residual') for d in s.layers))} "
+        f"with one nested in another, {count(lambda s: _contains(s.layers, 'layer_norm'))} with layer norm, "
+        f"{count(lambda s: _contains(s.layers, 'dropout'))} with dropout ({count(lambda s: s.has_dropout)} of them "
+        f"with a key: masks drawn), {count(lambda s: s.layers[-1][0] != 'dense')} ending in a layer other than "
+        f"dense; losses: "
+        + ", ".join(f"{loss} {count(lambda s, loss=loss: s.loss == loss)}" for loss in sorted({s.loss for s in specs}))
+        + f"), {len(rows)} comparisons, **{mismatches} mismatches**. Oracles run: {', '.join(oracles_run)}; finite "
+        f"differences on {n_fd} of the architectures (one in {fd_every}). {seconds:.0f} s on "
+        f"{platform.machine()} ({platform.processor() or 'cpu'}, {os.cpu_count()} cores, {load}), "
+        f"jax {jax.__version__}.",
+        "",
+        "Architectures in the CSV's `architecture` column: " + NOTATION_HELP + ".",
+        "",
+        "Error per parameter leaf: ||h - g||_2 / max(||g||_2, f ||g_all||_2), f = 1e-6 (float64) / 1e-3 (float32), "
+        "`purebp.check.compare_gradients` (g: jax.grad's gradient, or the NumPy oracle's); finite differences: "
+        "|fd - <h, v>| / max(||h_leaf||_2, f ||h_all||_2), v a random unit direction of the leaf, phi(t) = L(theta "
+        "+ t v) of purebp's forward pass and cost in float64 (the float32 networks upcast exactly), Ridders' "
+        "extrapolation from step 0.1 without moving any relu/leaky_relu/elu pre-activation across 0 (`kink "
+        "skipped`: no such step down to 1e-7). `loss` rows: |L_h - L_g| / |L_g|. The NumPy oracle and finite "
+        "differences get the engine's dropout masks (drawn from the key as `purebp.layers.example_keys` / "
+        "`layer_keys` say); tolerances 1e-10 (float64 h) and 1e-5 (float32 h), 1e-6 at least against finite "
+        "differences.",
+        "",
+        f"Command: `python -m experiments.equivalence --layers all{' --quick' if quick else ''}"
+        + (f" --trials {len(specs)}" if not quick and len(specs) != 2000 else "")
+        + (f" --fd-every {fd_every}" if not quick and fd_every != STACK_FD_EVERY else "")
+        + (f" --seed {seed}" if seed else "")
+        + "`",
+        "",
+        "## Per oracle",
+        "",
+        "| oracle | dtype | architectures | comparisons | kink skipped | median | worst | tolerance | mismatches |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in overall:
+        lines.append(
+            f"| {r['oracle']} | {r['dtype']} | {r['architectures']} | {r['comparisons']} | {r['kink_skipped']} | "
+            f"{r['median']:.1e} | {r['worst']:.1e} | {r['tolerance']:.0e} | {r['mismatches']} |"
+        )
+    lines += [
+        "",
+        "## Per oracle and leaf kind",
+        "",
+        "| oracle | dtype | leaf | architectures | comparisons | kink skipped | median | worst | tolerance "
+        "| mismatches |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in detail:
+        lines.append(
+            f"| {r['oracle']} | {r['dtype']} | {r['kind']} | {r['architectures']} | {r['comparisons']} | "
+            f"{r['kink_skipped']} | {r['median']:.1e} | {r['worst']:.1e} | {r['tolerance']:.0e} | {r['mismatches']} |"
+        )
+    recompiled = sorted({(r["seed"], r["architecture"]) for r in rows if r["witness_compile"] != "fast"})
+    lines += [
+        "",
+        "## The jax.grad witness at -O0",
+        "",
+        f"On {len(recompiled)} of the {len(specs)} architectures the jax.grad program compiled at XLA's -O0 (the "
+        "options of `check_gradients(fast_compile=True)`) returned a non-finite gradient where the hand-written one "
+        "is finite, and its witness was compiled again at XLA's default options (`witness_compile` in the CSV). "
+        "Cause: jax.grad of the row max that softmax / log-softmax subtract goes through jnp.max's tie mask "
+        "(x == max(x), divided by the number of ties); compiled at -O0 the mask can come out empty (x recomputed "
+        "differently in two places), 0/0 = NaN. `jax.lax.stop_gradient` on that max (the shift does not change "
+        "the function) removes it. Architectures: "
+        + (", ".join(f"`{arch}` (seed {seed})" for seed, arch in recompiled[:12]) or "none")
+        + (f" and {len(recompiled) - 12} more" if len(recompiled) > 12 else "")
+        + ".",
+    ]
+    failing = [r for r in rows if r["status"] == "compared" and not r["error"] <= stack_tolerance(r)]
+    if failing:
+        lines += [
+            "",
+            "## Mismatches",
+            "",
+            "`autodiff vs numpy`: jax.grad's own gradient against the float64 oracle (same measure): when it is as "
+            "far off as h, the float computation itself is inaccurate there (ill-conditioned), not the hand-written "
+            "rule.",
+            "",
+            "| oracle | architecture | loss | red | dtype | N | seed | leaf | error | autodiff vs numpy |",
+            "|---|---|---|---|---|---:|---:|---|---:|---:|",
+        ]
+        for r in failing:
+            lines.append(
+                f"| {r['oracle']} | `{r['architecture']}` | {r['loss']} | {r['reduction']} | {r['dtype']} | "
+                f"{r['batch']} | {r['seed']} | {r['layer']} {r['param']} | {r['error']:.1e} | "
+                f"{r['autodiff_vs_numpy']:.1e} |"
+            )
+    if "numpy" not in oracles_run:
+        lines += ["", "The NumPy layer oracle (`reference/numpy_layers.py`) is not in this checkout: not run."]
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(oracles_run), figsize=(4.4 * len(oracles_run), 3.6), squeeze=False)
+    for axis, oracle in zip(axes[0], oracles_run):
+        for dtype, color in (("float32", "tab:orange"), ("float64", "tab:blue")):
+            errors = np.asarray(
+                [
+                    r["error"]
+                    for r in rows
+                    if r["oracle"] == oracle and r["dtype"] == dtype and r["status"] == "compared"
+                ]
+            )
+            if errors.size:
+                axis.hist(np.log10(np.maximum(errors, 1e-20)), bins=60, range=(-20, 0), alpha=0.6, color=color,
+                          label=dtype)  # fmt: skip
+            axis.axvline(np.log10(stack_tolerance({"oracle": oracle, "dtype": dtype})), color=color, linestyle="--")
+        axis.set_title(f"vs {oracle}")
+        axis.set_xlabel("log10 relative error (zeros at -20)")
+        axis.legend()
+    axes[0, 0].set_ylabel("comparisons")
+    fig.suptitle(f"Hand-written vs the oracles, {len(specs)} random stacks (dashed: tolerances)")
+    fig.tight_layout()
+    fig.savefig(f"{stem}.png", dpi=110)
+    plt.close(fig)
+
+
+def run_stacks(args) -> int:
+    """``--layers all``: the stack experiment; returns 1 on any mismatch."""
+    from purebp.testing import random_stack_spec
+
+    oracle = numpy_layers_oracle()
+    oracles_run = tuple(o for o in ORACLES if o != "numpy" or oracle is not None)
+    trials = 4 if args.quick else args.trials
+    fd_every = 1 if args.quick else args.fd_every
+    limits = STACK_QUICK_LIMITS if args.quick else STACK_LIMITS
+    rng = np.random.default_rng(args.seed)
+    specs = [random_stack_spec(rng, dtype=("float32", "float64")[i % 2], **limits) for i in range(trials)]
+    load_start = os.getloadavg()[0]
+    start = time.perf_counter()
+    rows = []
+    for number, spec in enumerate(specs, start=1):
+        rows += run_stack_trial(spec, rng, finite_differences_too=(number - 1) % fd_every == 0, oracle=oracle)
+        jax.clear_caches()  # each architecture is a new program
+        if number % 100 == 0:
+            print(f"{number}/{trials} stacks, {time.perf_counter() - start:.0f} s", flush=True)
+    seconds = time.perf_counter() - start
+    load = f"1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    write_stack_outputs(rows, specs, seconds, args.out, args.quick, oracles_run, fd_every, load, args.seed)
+    table = summarise_stacks(rows, by_kind=False)
+    mismatches = sum(r["mismatches"] for r in table)
+    print(f"{trials} stacks, {len(rows)} comparisons, {mismatches} mismatches, {seconds:.0f} s")
+    for r in table:
+        print(f"  worst vs {r['oracle']:<18} {r['dtype']}: {r['worst']:.2e} ({r['mismatches']} mismatches)")
+    return 1 if mismatches else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=2000)
@@ -407,7 +911,26 @@ def main(argv=None) -> int:
         "--previous", type=Path, help="CSV of an earlier run of the same architectures: rows of the oracles not run"
     )
     parser.add_argument("--previous-label", default="previous run", help="how the table labels those rows")
+    parser.add_argument(
+        "--layers",
+        choices=("mlp", "all"),
+        default="mlp",
+        help="mlp: random MLPs (default); all: random stacks of dense, residual, layer norm and dropout layers, "
+        "written to equivalence_layers.*",
+    )
+    parser.add_argument(
+        "--fd-every",
+        type=int,
+        default=STACK_FD_EVERY,
+        help=f"--layers all: finite differences on every k-th architecture (default {STACK_FD_EVERY})",
+    )
     args = parser.parse_args(argv)
+    if args.layers == "all":
+        if args.previous is not None or set(args.oracles) != set(ORACLES):
+            parser.error("--layers all runs every oracle there is; --oracles and --previous are for --layers mlp")
+        if args.fd_every < 1:
+            parser.error(f"--fd-every must be at least 1, got {args.fd_every}")
+        return run_stacks(args)
     oracles = tuple(o for o in ORACLES if o in args.oracles)
     trials = 8 if args.quick else args.trials
     limits = {"max_depth": 3, "max_width": 8, "max_batch": 8} if args.quick else {}

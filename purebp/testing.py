@@ -7,6 +7,11 @@
 - ``assert_gradients_match(...)``: ``check_gradients`` that raises
   AssertionError with the per-leaf table when the hand-written gradient
   disagrees with jax.grad.
+
+The same for stacks over every layer kind (dense, residual, layer norm,
+dropout): ``StackSpec`` / ``make_stack_case`` / ``random_stack_spec`` /
+``stack_specs`` (and ``stack_cases``), with ``StackSpec.notation`` the compact
+architecture line ``purebp verify --layers all`` prints.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import numpy as np
 from purebp import activations as _activations
 from purebp import losses as _losses
 from purebp.check import GradientReport, check_gradients
-from purebp.network import Layer, Network
+from purebp.layers import Dense, Dropout, LayerNorm, Residual
+from purebp.network import AnyNetwork, Layer, Network, Sequential, validate_sequential
 
 HIDDEN_ACTIVATIONS = tuple(name for name in _activations.BUILTIN_NAMES if name != "softmax")
 # every (built-in loss, built-in output activation) pair purebp accepts, from the loss table
@@ -67,6 +73,11 @@ class Case:
     @property
     def reduction(self) -> str:
         return self.spec.reduction
+
+    @property
+    def key(self) -> None:
+        """An MLP has no dropout: no key (so ``Case`` and ``StackCase`` are checked alike)."""
+        return None
 
     def __repr__(self) -> str:
         return f"Case(make_case({self.spec!r}))"
@@ -175,23 +186,414 @@ def cases(
 
 
 def assert_gradients_match(
-    net: Network,
+    net: AnyNetwork,
     x: jax.Array,
     y: jax.Array,
     *,
     loss: str,
     reduction: str = "mean",
     tolerance: float | None = None,
+    key: jax.Array | None = None,
 ) -> GradientReport:
     """Assert that purebp's hand-written gradient equals jax.grad's; return the report.
 
-    On failure, the AssertionError carries the per-leaf table (max abs error,
-    relative error, first failing layer) of ``check_gradients``.
+    Works on an ``init_mlp`` ``Network`` and on any ``Sequential``; ``key``
+    draws the dropout masks (the same for both passes). On failure, the
+    AssertionError carries the per-leaf table (max abs error, relative error,
+    first failing layer) of ``check_gradients``.
     """
-    report = check_gradients(net, x, y, loss=loss, reduction=reduction, tolerance=tolerance)
+    report = check_gradients(net, x, y, loss=loss, reduction=reduction, tolerance=tolerance, key=key)
     if not report.passed:
         raise AssertionError("hand-written gradient differs from jax.grad\n" + str(report))
     return report
+
+
+def assert_case_matches(case: Case | StackCase, *, tolerance: float | None = None) -> GradientReport:
+    """``assert_gradients_match`` on a ``Case`` or ``StackCase``; a failure also prints the line that rebuilds it."""
+    try:
+        return assert_gradients_match(
+            case.net, case.x, case.y, loss=case.loss, reduction=case.reduction, tolerance=tolerance, key=case.key
+        )
+    except AssertionError as error:
+        raise AssertionError(f"{error}\nreplay: {case!r}") from None
+
+
+# ---------------------------------------------------------------- random stacks over every layer kind
+
+# A layer description is a plain tuple: ("dense", n_out, activation), ("residual", (description, ...)),
+# ("layer_norm",) or ("dropout", rate). A StackSpec holds a tuple of them: its repr is a line that replays it.
+LAYER_KINDS = ("dense", "residual", "layer_norm", "dropout")
+DROPOUT_RATES = (0.5, 0.1, 0.25)
+# over 2 features the normalised vector is +-(1, -1) whatever the input: the gradient through it is
+# O(eps / var), i.e. rounding (float32 hand-written and autodiff then differ by 3e-5 of a leaf), not a test
+LAYER_NORM_MIN_WIDTH = 3
+# In float32, a layer norm behind a narrower layer (in1>d1>d5lr>ln, in2>d2s>d3t>ln>d2sm) is ill-conditioned: its
+# input moves along 1 or 2 directions, nearly the ones its backward rule projects out, so the gradient below it
+# is a difference of much larger terms, and both float32 gradients, hand-written and jax.grad alike, land
+# 1e-4 from the float64 one (measured). float32 stacks keep every input and hidden width >= 3; float64 ones
+# (tolerance 1e-10, 1e-13 reached there) keep widths from 1.
+FLOAT32_MIN_HIDDEN_WIDTH = 3
+# the costs that see a network ending in a layer other than dense as an identity output (logits or values)
+IDENTITY_OUTPUT_LOSSES = ("mse", "softmax_cross_entropy")
+# StackSpec.notation's activation letters: d5t is dense(5, "tanh"); d3 (no letter) is the identity
+ACTIVATION_CODES = {
+    "identity": "",
+    "sigmoid": "s",
+    "tanh": "t",
+    "relu": "r",
+    "leaky_relu": "lr",
+    "elu": "e",
+    "softplus": "sp",
+    "gelu": "g",
+    "softmax": "sm",
+}
+NOTATION_HELP = (
+    "in4 = 4 inputs; d5t = dense(5, tanh), activation letters: (none) identity, s sigmoid, t tanh, r relu, "
+    "lr leaky_relu, e elu, sp softplus, g gelu, sm softmax; r(...) = residual a + F(a), its body inside; "
+    "ln = layer_norm; do.25 = dropout(0.25); > = then"
+)
+
+
+def _check_description(description: object, where: str) -> None:
+    """Raise ValueError naming the bad description if it is not one of the four forms."""
+    forms = "('dense', n_out, activation), ('residual', (...)), ('layer_norm',) or ('dropout', rate)"
+    if not isinstance(description, tuple) or not description or description[0] not in LAYER_KINDS:
+        raise ValueError(f"{where}: expected a layer description {forms}, got {description!r}")
+    kind, arguments = description[0], description[1:]
+    if kind == "dense":
+        if (
+            len(arguments) != 2
+            or isinstance(arguments[0], bool)
+            or not isinstance(arguments[0], int)
+            or arguments[0] < 1
+            or not isinstance(arguments[1], str)
+        ):
+            raise ValueError(f"{where}: expected ('dense', n_out >= 1, activation name), got {description!r}")
+        _activations.get(arguments[1])
+    elif kind == "residual":
+        if len(arguments) != 1 or not isinstance(arguments[0], tuple) or not arguments[0]:
+            raise ValueError(f"{where}: expected ('residual', (body description, ...)), got {description!r}")
+        for index, inner in enumerate(arguments[0]):
+            _check_description(inner, f"{where} body[{index}]")
+    elif kind == "layer_norm":
+        if arguments:
+            raise ValueError(f"{where}: expected ('layer_norm',), got {description!r}")
+    elif len(arguments) != 1 or isinstance(arguments[0], bool) or not 0.0 <= arguments[0] < 1.0:
+        raise ValueError(f"{where}: expected ('dropout', rate in [0, 1)), got {description!r}")
+
+
+def _notation(description: tuple) -> str:
+    kind = description[0]
+    if kind == "dense":
+        _, n_out, activation = description
+        return f"d{n_out}{ACTIVATION_CODES.get(activation, f'[{activation}]')}"
+    if kind == "residual":
+        return "r(" + ",".join(_notation(inner) for inner in description[1]) + ")"
+    if kind == "layer_norm":
+        return "ln"
+    rate = f"{description[1]:g}"
+    return "do" + (rate[1:] if rate.startswith("0.") else rate)
+
+
+def _width_after(description: tuple, width: int) -> int:
+    return description[1] if description[0] == "dense" else width
+
+
+def _contains(descriptions: Sequence[tuple], kind: str) -> bool:
+    return any(d[0] == kind or (d[0] == "residual" and _contains(d[1], kind)) for d in descriptions)
+
+
+@dataclasses.dataclass(frozen=True)
+class StackSpec:
+    """A random stack of layers with its data, as plain values; ``make_stack_case`` builds it.
+
+    ``layers`` holds layer descriptions: ``("dense", n_out, activation)``,
+    ``("residual", (description, ...))`` (a + F(a), F the body),
+    ``("layer_norm",)`` (eps 1e-5) and ``("dropout", rate)``. ``with_key``:
+    a dropout key is drawn (training mode); without it dropout is the
+    identity. ``repr(spec)`` is a line that replays the case.
+    """
+
+    input_width: int
+    layers: tuple
+    loss: str
+    reduction: str = "mean"
+    dtype: str = "float64"
+    batch: int = 4
+    seed: int = 0
+    with_key: bool = True
+    one_hot: bool = False  # classification targets as one-hot rows instead of integer labels
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layers, tuple) or not self.layers:
+            raise ValueError(f"StackSpec.layers must be a non-empty tuple of layer descriptions, got {self.layers!r}")
+        for index, description in enumerate(self.layers):
+            _check_description(description, f"StackSpec.layers[{index}]")
+
+    @property
+    def output_width(self) -> int:
+        width = self.input_width
+        for description in self.layers:
+            width = _width_after(description, width)
+        return width
+
+    @property
+    def has_dropout(self) -> bool:
+        """True when a dropout layer is active: the stack holds one and a key is drawn."""
+        return self.with_key and _contains(self.layers, "dropout")
+
+    @property
+    def notation(self) -> str:
+        """The architecture in one short line, e.g. ``in4>d5t>r(d5r,ln)>do.2>d3`` (see ``NOTATION_HELP``)."""
+        return ">".join([f"in{self.input_width}"] + [_notation(description) for description in self.layers])
+
+
+@dataclasses.dataclass(frozen=True)
+class StackCase:
+    """A ``Sequential`` with inputs, targets and the dropout key (None: inference) that fit it."""
+
+    spec: StackSpec
+    net: Sequential
+    x: jax.Array
+    y: jax.Array
+    key: jax.Array | None
+
+    @property
+    def loss(self) -> str:
+        return self.spec.loss
+
+    @property
+    def reduction(self) -> str:
+        return self.spec.reduction
+
+    def __repr__(self) -> str:
+        return f"StackCase(make_stack_case({self.spec!r}))"
+
+
+def _array(values: np.ndarray, dtype: np.dtype) -> jax.Array:
+    # cast on the host: jnp.asarray(float64 values, dtype=float32) would compile a conversion per shape
+    return jnp.asarray(np.asarray(values, dtype=dtype))
+
+
+def _build_layers(descriptions: Sequence[tuple], width: int, rng: np.random.Generator, dtype, scale: float) -> list:
+    """Initialised layers for ``descriptions`` on inputs of ``width`` features, drawn in order from ``rng``."""
+    layers = []
+    for description in descriptions:
+        kind = description[0]
+        if kind == "dense":
+            n_out, activation = description[1], description[2]
+            w = scale * rng.standard_normal((n_out, width)) / np.sqrt(width)
+            b = 0.5 * rng.standard_normal(n_out)
+            layers.append(Dense(_array(w, dtype), _array(b, dtype), activation))
+            width = n_out
+        elif kind == "residual":
+            # a + F(a) adds the body's variance to the input's: a body scaled by 1/sqrt(2) keeps deep
+            # stacks of blocks out of sigmoid/tanh saturation
+            body = _build_layers(description[1], width, rng, dtype, scale / np.sqrt(2.0))
+            layers.append(Residual(tuple(body)))
+        elif kind == "layer_norm":
+            layer_scale = 1.0 + 0.25 * rng.standard_normal(width)  # not 1 and 0: exercise both parameter paths
+            offset = 0.25 * rng.standard_normal(width)
+            layers.append(LayerNorm(_array(layer_scale, dtype), _array(offset, dtype)))
+        else:
+            layers.append(Dropout(float(description[1])))
+    return layers
+
+
+def _targets(rng: np.random.Generator, loss: str, batch: int, n_out: int, one_hot: bool, dtype) -> jax.Array:
+    if loss in _losses.CLASSIFICATION_LOSSES:
+        labels = rng.integers(0, n_out, batch)
+        return _array(np.eye(n_out)[labels], dtype) if one_hot else jnp.asarray(labels)
+    if loss == "binary_cross_entropy":
+        return _array(rng.uniform(size=(batch, n_out)), dtype)
+    return _array(rng.standard_normal((batch, n_out)), dtype)
+
+
+def make_stack_case(spec: StackSpec) -> StackCase:
+    """Build the ``Sequential``, inputs, targets and key that ``spec`` describes, deterministically from ``spec.seed``.
+
+    Parameters are drawn with NumPy, as ``make_case`` draws them (no compile per
+    case): dense W ~ N(0, s^2 / n_in) with s = 1, or 2^(-k/2) inside k nested
+    residual bodies, b ~ N(0, 1/4) (non-zero biases, so that no relu
+    pre-activation sits exactly on its kink, also behind a dropped input);
+    layer norm scale ~ N(1, 1/16), offset ~ N(0, 1/16); x ~ N(0, 1). The
+    ``Sequential`` is what ``purebp.init_network`` makes of these initialised
+    layers (built directly: ``init_network`` splits a key per layer count, a
+    compile each), its shapes checked by ``validate_sequential``. The dropout
+    key is ``jax.random.key(seed)`` when ``with_key``, else None.
+    """
+    dtype = np.dtype(spec.dtype)
+    rng = np.random.default_rng(spec.seed)
+    layers = _build_layers(spec.layers, spec.input_width, rng, dtype, 1.0)
+    net = Sequential(layers=tuple(layers), input_shape=(spec.input_width,))
+    validate_sequential(net)
+    x = _array(rng.standard_normal((spec.batch, spec.input_width)), dtype)
+    y = _targets(rng, spec.loss, spec.batch, spec.output_width, spec.one_hot, dtype)
+    key = jax.random.key(spec.seed) if spec.with_key else None
+    return StackCase(spec=spec, net=net, x=x, y=y, key=key)
+
+
+def _draw_stack_spec(
+    integer, pick, *, dtypes, max_depth, max_width, max_batch, outputs, hidden, with_keys
+) -> StackSpec:
+    """The one generator behind ``random_stack_spec`` (NumPy) and ``stack_specs`` (hypothesis).
+
+    ``integer(lo, hi)`` draws from lo..hi inclusive, ``pick(options)`` one of
+    them; simpler choices come first, so hypothesis shrinks towards them.
+    """
+    dtype = pick(tuple(dtypes))
+    # float32: no input or hidden layer narrower than 3 (see FLOAT32_MIN_HIDDEN_WIDTH)
+    narrowest = FLOAT32_MIN_HIDDEN_WIDTH if dtype == "float32" else 1
+    loss = pick(tuple(outputs))  # each loss equally often, then one of the output activations it takes
+    output = pick(outputs[loss])
+    depth = integer(1, max_depth)  # top-level layers, the output layer included
+    width = input_width = integer(narrowest, max(narrowest, max_width))
+    # mse and softmax cross-entropy also take a network ending in a residual block, layer norm or dropout
+    trailing = None
+    if loss in IDENTITY_OUTPUT_LOSSES and depth >= 2 and pick((False, True)):
+        trailing = pick(("layer_norm", "dropout", "residual"))
+
+    def body(width: int, nested: bool) -> tuple:
+        # 0-2 dense layers of the block's width, maybe a layer norm, a dropout, a nested block (once)
+        items = [("dense", width, pick(hidden)) for _ in range(integer(0, 2))]
+        extras = []
+        if width >= LAYER_NORM_MIN_WIDTH and pick((False, True)):
+            extras.append(("layer_norm",))
+        if pick((False, False, True)):
+            extras.append(("dropout", pick(DROPOUT_RATES)))
+        if nested and pick((False, True)):
+            extras.append(("residual", body(width, nested=False)))
+        if not items and not extras:
+            items.append(("dense", width, pick(hidden)))
+        for extra in extras:
+            items.insert(integer(0, len(items)), extra)
+        return tuple(items)
+
+    layers = []
+    for _ in range(depth - 1 - (trailing is not None)):
+        kind = pick(("dense", "residual", "layer_norm", "dropout", "dense", "residual"))
+        if kind == "layer_norm" and width < LAYER_NORM_MIN_WIDTH:
+            kind = "dense"
+        if kind == "dense":
+            width = integer(narrowest, max(narrowest, max_width))
+            layers.append(("dense", width, pick(hidden)))
+        elif kind == "residual":
+            layers.append(("residual", body(width, nested=True)))
+        elif kind == "layer_norm":
+            layers.append(("layer_norm",))
+        else:
+            layers.append(("dropout", pick(DROPOUT_RATES)))
+    min_out = 2 if output == "softmax" or loss in _losses.CLASSIFICATION_LOSSES else 1
+    min_out = max(min_out, LAYER_NORM_MIN_WIDTH) if trailing == "layer_norm" else min_out
+    n_out = integer(min_out, max(min_out, max_width))
+    # before a trailing layer the dense layer is a hidden one (softmax stays on output layers)
+    layers.append(("dense", n_out, output if trailing is None else pick(hidden)))
+    if trailing == "residual":
+        layers.append(("residual", body(n_out, nested=True)))
+    elif trailing == "layer_norm":
+        layers.append(("layer_norm",))
+    elif trailing == "dropout":
+        layers.append(("dropout", pick(DROPOUT_RATES)))
+    return StackSpec(
+        input_width=input_width,
+        layers=tuple(layers),
+        loss=loss,
+        reduction=pick(("mean", "sum")),
+        dtype=dtype,
+        batch=integer(1, max_batch),
+        seed=integer(0, 2**31 - 1),
+        with_key=pick(tuple(with_keys)),
+        one_hot=loss in _losses.CLASSIFICATION_LOSSES and pick((False, True)),
+    )
+
+
+def _stack_options(losses, hidden_activations, with_key) -> dict:
+    outputs = {}
+    for loss, output in LOSS_OUTPUT_PAIRS:
+        if loss in losses:
+            outputs.setdefault(loss, []).append(output)
+    if not outputs:
+        raise ValueError(f"no built-in loss among {tuple(losses)}; valid losses: {', '.join(_losses.LOSSES)}")
+    if "softmax" in hidden_activations:
+        raise ValueError("softmax is only allowed on the output layer: leave it out of hidden_activations")
+    with_keys = (True, False) if with_key is None else (bool(with_key),)
+    outputs = {loss: tuple(names) for loss, names in outputs.items()}
+    return {"outputs": outputs, "hidden": tuple(hidden_activations), "with_keys": with_keys}
+
+
+def random_stack_spec(
+    rng: np.random.Generator,
+    *,
+    dtype: str = "float64",
+    max_depth: int = 6,
+    max_width: int = 16,
+    max_batch: int = 16,
+    with_key: bool | None = None,
+    losses: Sequence[str] = _losses.LOSSES,
+    hidden_activations: Sequence[str] = HIDDEN_ACTIVATIONS,
+) -> StackSpec:
+    """Draw a random ``StackSpec`` from a NumPy ``Generator`` (no hypothesis).
+
+    1..max_depth top-level layers: dense (any hidden activation, widths
+    1..max_width), residual blocks (body: up to two dense layers of the
+    block's width, maybe a layer norm and a dropout, maybe one nested block),
+    layer norm (on 3 or more features, see ``LAYER_NORM_MIN_WIDTH``) and
+    dropout anywhere, and a dense output layer fitting a built-in loss (each
+    loss equally likely) and one of the output activations it takes; mse and
+    softmax cross-entropy networks may end in a residual block, layer norm or
+    dropout instead. ``with_key`` None: drawn (dropout active or not). float32
+    stacks have no input or hidden width below 3 (``FLOAT32_MIN_HIDDEN_WIDTH``).
+    """
+    options = _stack_options(losses, hidden_activations, with_key)
+    return _draw_stack_spec(
+        lambda lo, hi: int(rng.integers(lo, hi + 1)),
+        lambda choices: choices[int(rng.integers(len(choices)))],
+        dtypes=(dtype,),
+        max_depth=max_depth,
+        max_width=max_width,
+        max_batch=max_batch,
+        **options,
+    )
+
+
+def stack_specs(
+    *,
+    dtypes: Sequence[str] = ("float32", "float64"),
+    max_depth: int = 5,
+    max_width: int = 8,
+    max_batch: int = 8,
+    with_key: bool | None = None,
+    losses: Sequence[str] = _losses.LOSSES,
+    hidden_activations: Sequence[str] = HIDDEN_ACTIVATIONS,
+):
+    """A hypothesis strategy of ``StackSpec``s, drawn as ``random_stack_spec`` draws (needs ``purebp[test]``).
+
+    A failing example prints the spec, a line that ``make_stack_case`` replays.
+    """
+    try:
+        from hypothesis import strategies as st
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("purebp.testing.stack_specs needs hypothesis: pip install 'purebp[test]'") from error
+    options = _stack_options(losses, hidden_activations, with_key)
+
+    @st.composite
+    def strategy(draw):
+        return _draw_stack_spec(
+            lambda lo, hi: draw(st.integers(lo, hi)),
+            lambda choices: draw(st.sampled_from(choices)),
+            dtypes=tuple(dtypes),
+            max_depth=max_depth,
+            max_width=max_width,
+            max_batch=max_batch,
+            **options,
+        )
+
+    return strategy()
+
+
+def stack_cases(**options):
+    """``stack_specs(**options)`` built into ``StackCase``s (a failure prints ``StackCase(make_stack_case(...))``)."""
+    return stack_specs(**options).map(make_stack_case)
 
 
 # users' own backward passes (issue 15): check_backprop lives in backprop_kit.py, re-exported here

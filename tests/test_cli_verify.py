@@ -10,13 +10,14 @@ import threading
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 
 import purebp as pb
 from purebp import activations, cli
-from purebp.testing import cases, random_spec
+from purebp.testing import cases, random_spec, random_stack_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,3 +157,68 @@ def test_full_compile_runs_the_default_programs(capsys, monkeypatch):
 def test_verify_rejects_a_bound_below_one(flag):
     with pytest.raises(SystemExit, match=f"{flag} must be at least 1, got 0"):
         cli.main(["verify", flag, "0"])
+
+
+STACK_ARGS = ["--trials", "8", "--seed", "0", "--max-depth", "4", "--max-width", "6", "--max-batch", "4", "--dtype",
+              "both"]  # fmt: skip
+
+
+def stack_specs_drawn(trials: int = 8) -> list:
+    """The stacks `purebp verify --layers all` draws with STACK_ARGS, float32 and float64 alternating."""
+    rng = np.random.default_rng(0)
+    return [
+        random_stack_spec(rng, dtype=("float32", "float64")[trial % 2], max_depth=4, max_width=6, max_batch=4)
+        for trial in range(trials)
+    ]
+
+
+def test_layers_all_checks_stacks_and_prints_each_architecture_last(capsys):
+    specs = stack_specs_drawn()
+    assert any("r(" in spec.notation for spec in specs) and any("ln" in spec.notation for spec in specs)
+    assert cli.main(["verify", "--layers", "all", *STACK_ARGS]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["#", "loss", "red", "dtype", "N", "key", "max", "rel", "verdict", "architecture"]
+    for trial, (row, spec) in enumerate(zip(lines[1:9], specs)):
+        cells = row.split()
+        assert cells[:6] == [str(trial), spec.loss, spec.reduction, spec.dtype, str(spec.batch),
+                             "yes" if spec.with_key else "no"], row  # fmt: skip
+        assert cells[-2:] == ["ok", spec.notation], row
+    assert "purebp verify: 8 architectures, 0 mismatches" in lines[9]
+
+
+def flat_kinds(descriptions) -> list[str]:
+    kinds = []
+    for description in descriptions:
+        kinds += flat_kinds(description[1]) if description[0] == "residual" else [description[0]]
+    return kinds
+
+
+def dense_upstream_of_layer_norm(spec) -> bool:
+    kinds = flat_kinds(spec.layers)  # depth-first: a dense layer before the last layer norm feeds it
+    return "layer_norm" in kinds and "dense" in kinds[: len(kinds) - 1 - kinds[::-1].index("layer_norm")]
+
+
+def test_layers_all_flags_a_layer_norm_backward_without_its_mean_term(capsys, monkeypatch):
+    """Exactly the stacks with a dense layer upstream of a layer norm are flagged (there the dropped term
+    reaches a parameter), with a line that rebuilds each one; the exit code is 1."""
+    specs = stack_specs_drawn()
+    upstream = [dense_upstream_of_layer_norm(spec) for spec in specs]
+    assert any(upstream) and not all(upstream)
+
+    def without_mean_term(self, cache, grad_out):
+        xhat, grad_xhat = cache.normalized, grad_out * self.scale[None, :]
+        grad_in = cache.inverse_std * (grad_xhat - xhat * jnp.mean(grad_xhat * xhat, axis=-1, keepdims=True))
+        return grad_in, pb.LayerNorm(jnp.sum(grad_out * xhat, axis=0), jnp.sum(grad_out, axis=0), self.eps)
+
+    jax.clear_caches()
+    monkeypatch.setattr(pb.LayerNorm, "backward", without_mean_term)
+    try:
+        code = cli.main(["verify", "--layers", "all", *STACK_ARGS, "--quiet"])
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+    out = capsys.readouterr().out
+    assert code == 1
+    flagged = [int(line.split()[0]) for line in out.splitlines() if line.split()[-2:-1] == ["MISMATCH"]]
+    assert flagged == [trial for trial, found in enumerate(upstream) if found], out
+    assert out.count("replay: purebp.testing.make_stack_case(StackSpec(") == len(flagged)
