@@ -276,6 +276,7 @@ def check_gradients(
     emitters). The math, op by op, is the same; the kernels are less
     optimised, so results can differ from the default compile in the last
     bits. Both gradients are compiled alike; the comparison is unchanged.
+    With a ``key`` the default compile is used (see the comment in the code).
 
     ``key`` draws dropout masks, the same for both passes (a ``Sequential``
     with dropout is checked in training mode only when a key is given).
@@ -294,7 +295,9 @@ def check_gradients(
         **{f"layer {layer} {name}": leaf for (layer, name), leaf in zip(leaf_names(net), leaves)},
     )
     with jax.default_matmul_precision("highest"):
-        if fast_compile:
+        # with a key the -O0 program has returned -inf/NaN for jax.grad's side on CPU (seen with jax 0.10.2 on
+        # a float32 stack whose keys go unused): a check with a key always takes the default compile
+        if fast_compile and key is None:
             (value_h, grads_h), (value_g, grads_g) = _fast_compile_call(net, x, y, loss, reduction, key)
         else:
             value_h, grads_h = _backprop.compiled_value_and_grad(net, x, y, loss, reduction, key)
