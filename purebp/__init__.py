@@ -4,7 +4,24 @@ from purebp.backprop import BackpropTrace, backprop_trace, forward, grad, value_
 from purebp.check import GradientReport, LayerReport, autodiff_value_and_grad, check_gradients, check_layer
 from purebp.checkpoint import Checkpoint, CheckpointError, describe_network, load_checkpoint, save_checkpoint
 from purebp.distributed import ProcessFailureError, data_parallel_value_and_grad, make_data_mesh
-from purebp.layers import Dense, Dropout, LayerNorm, Residual, dense, dropout, layer_norm, residual
+from purebp.layers import (
+    AvgPool1d,
+    Conv1d,
+    Dense,
+    Dropout,
+    Flatten,
+    LayerNorm,
+    MaxPool1d,
+    Residual,
+    avg_pool1d,
+    conv1d,
+    dense,
+    dropout,
+    flatten,
+    layer_norm,
+    max_pool1d,
+    residual,
+)
 from purebp.network import Layer, Network, Sequential, init_mlp, init_network
 from purebp.per_example import dp_sgd_step, dp_value_and_grad, per_example_grad_norms, per_example_grads
 from purebp.precision import cast_network, mixed_value_and_grad
@@ -22,27 +39,33 @@ from purebp.training import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AvgPool1d",
     "BackpropTrace",
     "Checkpoint",
     "CheckpointError",
+    "Conv1d",
     "Dense",
     "DivergenceError",
     "Dropout",
+    "Flatten",
     "GradientMismatchError",
     "GradientReport",
     "Layer",
     "LayerNorm",
     "LayerReport",
+    "MaxPool1d",
     "Network",
     "ProcessFailureError",
     "Residual",
     "Sequential",
     "autodiff_value_and_grad",
+    "avg_pool1d",
     "backprop_trace",
     "cast_network",
     "check_gradients",
     "check_layer",
     "clear_caches",
+    "conv1d",
     "data_parallel_value_and_grad",
     "dense",
     "describe_network",
@@ -51,6 +74,7 @@ __all__ = [
     "dropout",
     "evaluate",
     "fit",
+    "flatten",
     "forward",
     "grad",
     "init_mlp",
@@ -60,6 +84,7 @@ __all__ = [
     "make_data_mesh",
     "make_optimizer",
     "make_train_step",
+    "max_pool1d",
     "mixed_value_and_grad",
     "per_example_grad_norms",
     "per_example_grads",

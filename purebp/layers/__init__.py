@@ -15,7 +15,8 @@ so that random layers draw the same numbers for an example however the batch
 is split (see ``example_keys``).
 
 Built-in kinds: ``Dense`` (the notes' four equations), ``Residual`` (the chain
-rule's Case 2), ``LayerNorm`` and ``Dropout``. Each has a lower-case builder
+rule's Case 2), ``LayerNorm``, ``Dropout``, ``Conv1d`` (the four equations in
+convolution form), ``MaxPool1d``, ``AvgPool1d`` and ``Flatten``. Each has a lower-case builder
 (``dense(100, "relu")``) that ``purebp.init_network`` initialises once the input
 shape is known. Optional methods used where present: ``output_shape(shape)``
 (static shape check), ``per_example_grads(cache, grad_out)`` and
@@ -24,23 +25,35 @@ their norms, for ``purebp.per_example_grads`` and DP-SGD).
 """
 
 from purebp.layers.base import example_keys, layer_keys, per_example_squared_norms
+from purebp.layers.conv import Conv1d, ConvCache, conv1d
 from purebp.layers.dense import Dense, DenseCache, dense
 from purebp.layers.dropout import Dropout, dropout
+from purebp.layers.flatten import Flatten, flatten
 from purebp.layers.layer_norm import LayerNorm, LayerNormCache, layer_norm
+from purebp.layers.pool import AvgPool1d, MaxPool1d, avg_pool1d, max_pool1d
 from purebp.layers.residual import Residual, residual
 
 __all__ = [
+    "AvgPool1d",
+    "Conv1d",
+    "ConvCache",
     "Dense",
     "DenseCache",
     "Dropout",
+    "Flatten",
     "LayerNorm",
     "LayerNormCache",
+    "MaxPool1d",
     "Residual",
+    "avg_pool1d",
+    "conv1d",
     "dense",
     "dropout",
     "example_keys",
+    "flatten",
     "layer_keys",
     "layer_norm",
+    "max_pool1d",
     "per_example_squared_norms",
     "residual",
 ]

@@ -1,0 +1,271 @@
+"""The 1-D convolution: z = W * a + b, out = G(z), and the notes' four equations in convolution form.
+
+Batch-first with PyTorch's semantics, so a PyTorch model and its weights port
+one to one: a is (N, C_in, L), W is (C_out, C_in, K), b is (C_out,), the
+product is a cross-correlation over the input zero-padded by p on both sides,
+and the output has length L_out = floor((L + 2p - K) / s) + 1:
+
+    z[n, o, t] = b[o] + sum_{i, k} W[o, i, k] a_pad[n, i, s t + k]
+
+The same chain rule as for a dense layer, with the convolution where the
+dense layer has its matrix product (W * . where it has W ., the transposed
+convolution W *^T . where it has W^T .):
+
+    (BP1/BP2) delta^l = dC/dz^l = dC/da^l (.) G'(z^l)
+    (BP2)     dC/da^{l-1} = W^l *^T delta^l: delta dilated by s, correlated with the
+              flipped kernel, input and output channels swapped, the padding undone
+    (BP3)     dC/db^l[o] = sum over examples n and positions t of delta^l[n, o, t]
+    (BP4)     dC/dW^l[o, i, k] = sum_{n, t} delta^l[n, o, t] a_pad^{l-1}[n, i, s t + k]:
+              the correlation of the input with delta
+
+XLA's convolution primitive (``lax.conv_general_dilated``) computes all three
+products; reference/DERIVATION.md derives the transposed form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from purebp import activations as _activations
+from purebp.layers.dense import HE_ACTIVATIONS
+
+Array = jax.Array
+
+# (batch, channel, length) activations, (out channel, in channel, length) kernels: PyTorch's layout
+_LAYOUT = ("NCH", "OIH", "NCH")
+
+
+class ConvCache(NamedTuple):
+    """What the backward rule needs: a^{l-1} (dz/dW is a window of it), z^l and a^l (for G')."""
+
+    input: Array
+    pre_activation: Array
+    activation: Array
+
+
+def output_length(length: int, kernel: int, stride: int, padding: int = 0) -> int:
+    """floor((L + 2p - K) / s) + 1, PyTorch's output length (no dilation)."""
+    return (length + 2 * padding - kernel) // stride + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv1d:
+    """z = W * a + b (cross-correlation, zero padding), out = G(z): ``w`` (C_out, C_in, K), ``b`` (C_out,).
+
+    ``stride``, ``padding`` and ``activation`` (a registered elementwise name) are static.
+    """
+
+    w: Array
+    b: Array
+    stride: int = dataclasses.field(default=1, metadata={"static": True})
+    padding: int = dataclasses.field(default=0, metadata={"static": True})
+    activation: str = dataclasses.field(default="identity", metadata={"static": True})
+
+    def forward(self, a: Array, key: Array | None = None) -> tuple[Array, ConvCache]:
+        convolution = jax.lax.conv_general_dilated(
+            a, self.w, window_strides=(self.stride,), padding=[(self.padding, self.padding)], dimension_numbers=_LAYOUT
+        )
+        pre_activation = convolution + self.b[None, :, None]  # z^l = W^l * a^{l-1} + b^l
+        activation = _activations.get(self.activation).forward(pre_activation)  # a^l = G(z^l)
+        return activation, ConvCache(a, pre_activation, activation)
+
+    def delta(self, cache: ConvCache, grad_out: Array) -> Array:
+        """delta^l = dC/da^l (.) G'(z^l), elementwise over channels and positions."""
+        if self.activation == "identity":
+            return grad_out
+        return _activations.get(self.activation).chain(grad_out, cache.pre_activation, cache.activation)
+
+    def backward(self, cache: ConvCache, grad_out: Array) -> tuple[Array, Conv1d]:
+        delta = self.delta(cache, grad_out)  # (BP1)/(BP2) delta^l = dC/da^l (.) G'(z^l)
+        grad_w = self.weight_gradient(cache.input, delta)  # (BP4) the correlation of a^{l-1} with delta^l
+        grad_b = jnp.sum(delta, axis=(0, 2))  # (BP3) sum over examples and positions of delta^l
+        grad_in = self.input_gradient(delta, cache.input.shape[2])  # (BP2) W^l *^T delta^l
+        return grad_in, Conv1d(grad_w, grad_b, self.stride, self.padding, self.activation)
+
+    def input_gradient(self, delta: Array, length: int) -> Array:
+        """dC/da = W *^T delta, (N, C_in, L): the transposed convolution.
+
+        delta is dilated by the stride (s - 1 zeros between positions), then
+        correlated with the kernel flipped along its length and with its
+        channel axes swapped, over delta padded by K - 1 - p on the left and
+        K - 1 - p + r on the right, where r = (L + 2p - K) mod s counts the
+        input positions past the last window (they get no gradient). A
+        negative padding crops, which undoes a padding p > K - 1.
+        """
+        kernel = self.w.shape[2]
+        left = kernel - 1 - self.padding
+        unused = (length + 2 * self.padding - kernel) % self.stride
+        flipped = jnp.swapaxes(self.w[:, :, ::-1], 0, 1)  # (C_in, C_out, K): W[o, i, K - 1 - k]
+        return jax.lax.conv_general_dilated(
+            delta,
+            flipped,
+            window_strides=(1,),
+            padding=[(left, left + unused)],
+            lhs_dilation=(self.stride,),
+            dimension_numbers=_LAYOUT,
+        )
+
+    def weight_gradient(self, a: Array, delta: Array) -> Array:
+        """dC/dW[o, i, k] = sum_{n, t} delta[n, o, t] a_pad[n, i, s t + k], summed over the batch.
+
+        One convolution with the batch as the contracted axis: a_pad is read
+        with its channels as the batch and its examples as the features, and
+        delta, dilated by the stride, is the kernel.
+        """
+        kernel = self.w.shape[2]
+        length = a.shape[2]
+        # windows past the last one end before the padded input does: crop what no window reads
+        unused = (length + 2 * self.padding - kernel) % self.stride
+        correlation = jax.lax.conv_general_dilated(
+            a,
+            delta,
+            window_strides=(1,),
+            padding=[(self.padding, self.padding - unused)],
+            rhs_dilation=(self.stride,),
+            dimension_numbers=("CNH", "IOH", "CNH"),
+        )
+        return correlation  # (C_out, C_in, K): output batch axis is delta's channels (see dimension_numbers)
+
+    def per_example_grads(self, cache: ConvCache, grad_out: Array) -> Conv1d:
+        delta = self.delta(cache, grad_out)
+        windows = self.windows(cache.input)  # (N, C_in, K, L_out)
+        # (BP4) and (BP3) for one example: sum over positions of delta[n, o, t] a_pad[n, i, s t + k]
+        grad_w = jnp.einsum("not,nikt->noik", delta, windows)
+        return Conv1d(grad_w, jnp.sum(delta, axis=2), self.stride, self.padding, self.activation)
+
+    def per_example_squared_norms(self, cache: ConvCache, grad_out: Array) -> Conv1d:
+        """||dC^n/dW||^2 and ||dC^n/db||^2 per example, by the cheaper of two exact forms.
+
+        The per-example weight gradient is a sum over positions t of delta_t u_t^T
+        (u_t the flattened input window at t), so Goodfellow's rank-one trick does not
+        apply. Either form it (N C_out C_in K L_out multiply-adds) and square it, or use
+        the Gram form ||sum_t delta_t u_t^T||^2 = sum_{t,t'} (delta_t . delta_t')(u_t . u_t')
+        (N L_out^2 (C_out + C_in K)); the choice is static, by those two counts.
+        """
+        delta = self.delta(cache, grad_out)
+        out_channels, in_channels, kernel = self.w.shape
+        positions = delta.shape[2]
+        windows = self.windows(cache.input)
+        if use_gram_form(out_channels, in_channels, kernel, positions):
+            delta_gram = jnp.einsum("not,nou->ntu", delta, delta)  # delta_t . delta_t'
+            window_gram = jnp.einsum("nikt,niku->ntu", windows, windows)  # u_t . u_t'
+            grad_w_sq = jnp.sum(delta_gram * window_gram, axis=(1, 2))
+        else:
+            grad_w = jnp.einsum("not,nikt->noik", delta, windows)
+            grad_w_sq = jnp.sum(grad_w * grad_w, axis=(1, 2, 3))
+        grad_b = jnp.sum(delta, axis=2)
+        return Conv1d(grad_w_sq, jnp.sum(grad_b * grad_b, axis=1), self.stride, self.padding, self.activation)
+
+    def windows(self, a: Array) -> Array:
+        """The input windows u[n, i, k, t] = a_pad[n, i, s t + k], shape (N, C_in, K, L_out) (k static slices)."""
+        kernel = self.w.shape[2]
+        padded = jnp.pad(a, ((0, 0), (0, 0), (self.padding, self.padding)))
+        positions = output_length(a.shape[2], kernel, self.stride, self.padding)
+        span = self.stride * (positions - 1) + 1
+        return jnp.stack([padded[:, :, k : k + span : self.stride] for k in range(kernel)], axis=2)
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        w, b = self.w, self.b
+        if getattr(w, "ndim", None) != 3 or getattr(b, "ndim", None) != 1:
+            raise ValueError(
+                f"expected w of shape (C_out, C_in, K) and b of shape (C_out,), got w {getattr(w, 'shape', w)} "
+                f"and b {getattr(b, 'shape', b)}"
+            )
+        if w.shape[0] != b.shape[0]:
+            raise ValueError(f"w has {w.shape[0]} output channels but b has {b.shape[0]} entries")
+        check_conv_settings(int(w.shape[2]), self.stride, self.padding, self.activation)
+        return conv_output_shape(
+            input_shape, int(w.shape[1]), int(w.shape[0]), int(w.shape[2]), self.stride, self.padding
+        )
+
+    def __repr__(self) -> str:
+        if not hasattr(self.w, "shape") or len(self.w.shape) != 3:
+            return "Conv1d(...)"
+        return (
+            f"Conv1d({self.w.shape[0]}, kernel={self.w.shape[2]}, stride={self.stride}, padding={self.padding}, "
+            f"{self.activation!r})"
+        )
+
+
+jax.tree_util.register_dataclass(Conv1d)  # w, b leaves; stride, padding, activation static
+
+
+def use_gram_form(out_channels: int, in_channels: int, kernel: int, positions: int) -> bool:
+    """True when the Gram form of a conv layer's per-example squared norm takes fewer multiply-adds."""
+    explicit = out_channels * in_channels * kernel * positions
+    gram = positions * positions * (out_channels + in_channels * kernel)
+    return gram < explicit
+
+
+def check_conv_settings(kernel: int, stride: int, padding: int, activation: str) -> None:
+    """Raise a clear error for a kernel, stride, padding or activation a conv1d layer cannot take."""
+    for name, value, least in (("kernel", kernel, 1), ("stride", stride, 1), ("padding", padding, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"conv1d: {name} must be an int >= {least}, got {value!r}")
+    if not _activations.get(activation).elementwise:
+        raise ValueError(
+            f"conv1d: activation {activation!r} is not elementwise (it would mix positions); use it on a dense "
+            "layer after flatten()"
+        )
+
+
+def conv_output_shape(
+    input_shape: tuple[int, ...], in_channels: int | None, out_channels: int, kernel: int, stride: int, padding: int
+) -> tuple[int, int]:
+    """(C_out, L_out) for per-example inputs (C_in, L); a clear error when they do not fit."""
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 2:
+        hint = (
+            f": add the channel axis, input_shape=(1, {input_shape[0]}) and x[:, None, :]"
+            if len(input_shape) == 1
+            else ""
+        )
+        raise ValueError(
+            f"conv1d takes inputs of shape (N, channels, length) but receives per-example shape {input_shape}{hint}"
+        )
+    channels, length = input_shape
+    if in_channels is not None and channels != in_channels:
+        raise ValueError(f"w expects {in_channels} input channels but the layer receives {channels}")
+    if kernel > length + 2 * padding:
+        raise ValueError(
+            f"the kernel ({kernel}) is longer than the padded input (length {length} + 2 x padding {padding} = "
+            f"{length + 2 * padding})"
+        )
+    return (out_channels, output_length(length, kernel, stride, padding))
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv1dInit:
+    """``conv1d(channels, kernel, ...)`` before its input channels are known."""
+
+    channels: int
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    activation: str = "identity"
+
+    def init(self, key: Array, input_shape: tuple[int, ...], dtype: np.dtype) -> Conv1d:
+        """W ~ N(0, s^2), b = 0, with fan-in C_in K: He s = sqrt(2 / fan_in) for rectifier-like G, else Glorot."""
+        conv_output_shape(input_shape, None, self.channels, self.kernel, self.stride, self.padding)
+        in_channels = int(input_shape[0])
+        fan_in, fan_out = in_channels * self.kernel, self.channels * self.kernel
+        scale = (2.0 / fan_in) ** 0.5 if self.activation in HE_ACTIVATIONS else (2.0 / (fan_in + fan_out)) ** 0.5
+        dtype = np.dtype(dtype)
+        draw = dtype if dtype.itemsize >= 4 else np.dtype("float32")  # 16-bit: draw in float32, round once
+        w = (scale * jax.random.normal(key, (self.channels, in_channels, self.kernel), dtype=draw)).astype(dtype)
+        return Conv1d(w, jnp.zeros((self.channels,), dtype=dtype), self.stride, self.padding, self.activation)
+
+
+def conv1d(
+    channels: int, kernel: int, *, stride: int = 1, padding: int = 0, activation: str = "identity"
+) -> Conv1dInit:
+    """A 1-D convolution with ``channels`` output channels, as ``torch.nn.Conv1d(C_in, channels, kernel, ...)``."""
+    if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels <= 0:
+        raise ValueError(f"conv1d: channels must be a positive int, got {channels!r}")
+    check_conv_settings(kernel, stride, padding, activation)
+    return Conv1dInit(int(channels), int(kernel), int(stride), int(padding), activation)
