@@ -1,8 +1,10 @@
-"""Oracle (d): forward and backward passes of layer stacks (dense, residual, layer norm, dropout) in NumPy float64.
+"""Oracle (d): forward and backward passes of layer stacks (dense, residual, layer norm, dropout, 1-D convolution,
+pooling, flatten) in NumPy float64.
 
-Shares no code with purebp. Batch-first, as purebp's code: the network input x is (N, n_0), a row per example;
-a layer's input ``a`` may have any shape whose last axis is the feature axis (dense layers need (N, n)).
-A stack is a list of plain dicts:
+Shares no code with purebp. Batch-first, as purebp's code: the network input x is (N, n_0), a row per example, or
+(N, C, L) (channels, length) for the 1-D convolution and pooling layers; a layer's input ``a`` may have any shape
+whose last axis is the feature axis (dense layers need (N, n); layer norm and dropout take (N, C, L) too, layer
+norm normalising the last, length, axis). A stack is a list of plain dicts:
 
 - ``{"kind": "dense", "w": (n_out, n_in), "b": (n_out,), "activation": name}``:
   z = a W^T + b, out = G(z). G is identity, sigmoid, tanh, relu, leaky_relu (slope 0.01), elu (alpha 1),
@@ -13,9 +15,21 @@ A stack is a list of plain dicts:
   out = xhat (.) scale + offset.
 - ``{"kind": "dropout", "rate": r, "mask": m}``: inverted dropout, out = a (.) m / (1 - r) with m a 0/1 keep-mask of
   the input's shape; with no mask (``None`` or absent) the layer is the identity (inference).
+- ``{"kind": "conv1d", "w": (C_out, C_in, K), "b": (C_out,), "stride": s, "padding": p, "activation": name}`` on
+  a (N, C_in, L): cross-correlation (torch.nn.functional.conv1d) of the input zero-padded by p on both sides,
+  a_pad (N, C_in, L + 2p), z[n,o,t] = b[o] + sum_{i,k} w[o,i,k] a_pad[n,i,t s + k] for t < T =
+  floor((L + 2p - K) / s) + 1, out = G(z) (N, C_out, T) with G elementwise (any activation above but softmax).
+  s >= 1 and p >= 0 are ints; K <= L + 2p.
+- ``{"kind": "max_pool1d", "kernel": k, "stride": s}`` on (N, C, L), no padding (torch's max_pool1d):
+  out[n,c,t] = max_{0 <= j < k} a[n,c,t s + j], T = floor((L - k) / s) + 1, k <= L. Ties: the FIRST maximum of a
+  window (smallest j) is the one selected, and it alone receives the gradient (PyTorch's choice).
+- ``{"kind": "avg_pool1d", "kernel": k, "stride": s}``: out[n,c,t] = 1/k sum_{0 <= j < k} a[n,c,t s + j], same T.
+- ``{"kind": "flatten"}``: (N, d_1, ..., d_r) -> (N, d_1 ... d_r) row-major, so (N, C, L) -> (N, C L) with index
+  c L + l (torch.flatten(x, 1)); a 2-D input passes unchanged.
 
-Costs on the final output a (and the last dense layer's pre-activation z where the cost needs it), per example
-C^n, then L = sum_n C^n (``reduction="sum"``) or L = 1/N sum_n C^n (``"mean"``):
+Costs on the final output a, which must be 2-D (N, n_out) (end a convolutional stack with a flatten), and the
+last dense layer's pre-activation z where the cost needs it, per example C^n, then L = sum_n C^n
+(``reduction="sum"``) or L = 1/N sum_n C^n (``"mean"``):
 
 - ``mse``: C = 1/2 sum_j (a_j - y_j)^2 on any output; dC/da = a - y.
 - ``cross_entropy``: C = -sum_j y_j log a_j, the last layer dense softmax; dC/da_j = -y_j / a_j.
@@ -42,9 +56,17 @@ dC/d(in), with its parameter gradients.
   d xhat_i / d a_j = (delta_ij - 1/n) / sigma - (a_i - mu)(a_j - mu) / (n sigma^3) (``layer_norm_jacobian``);
   dC/dscale = sum over every leading axis of dC/d(out) (.) xhat, dC/doffset = the same sum of dC/d(out).
 - dropout: dC/d(in) = dC/d(out) (.) m / (1 - r); no parameters.
+- conv1d, loops over the output positions t: delta = dC/dz = dC/d(out) (.) G'(z); dC/da_pad[n,i,t s + k] +=
+  sum_o delta[n,o,t] w[o,i,k], then dC/da = dC/da_pad with the p padded positions cropped from each side
+  (``conv1d_input_gradient``); dC/dw[o,i,k] = sum_{n,t} delta[n,o,t] a_pad[n,i,t s + k] and dC/db[o] =
+  sum_{n,t} delta[n,o,t] (``conv1d_parameter_gradients``). The input gradient is a transposed convolution
+  (reference/DERIVATION.md section 7); it is computed here straight from the chain rule, not in that form.
+- max_pool1d: dC/da[n,c,t s + j*] += dC/d(out)[n,c,t], j* the first maximum of window t; other positions get 0.
+- avg_pool1d: dC/da[n,c,t s + j] += dC/d(out)[n,c,t] / k for every j < k (overlapping windows, s < k, add up).
+- flatten: dC/d(in) = dC/d(out) reshaped back to the input's shape.
 
 Gradients come back with the structure of ``layers``: dense -> {"w", "b"}, layer_norm -> {"scale", "offset"},
-residual -> {"layers": [...]}, dropout -> {}.
+residual -> {"layers": [...]}, dropout -> {}, conv1d -> {"w", "b"}, max_pool1d, avg_pool1d, flatten -> {}.
 """
 
 from __future__ import annotations
@@ -58,7 +80,7 @@ LEAKY_SLOPE = 0.01
 ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "softplus", "gelu", "softmax")
 LOSSES = ("mse", "cross_entropy", "softmax_cross_entropy", "binary_cross_entropy")
 REDUCTIONS = ("mean", "sum")
-KINDS = ("dense", "residual", "layer_norm", "dropout")
+KINDS = ("dense", "residual", "layer_norm", "dropout", "conv1d", "max_pool1d", "avg_pool1d", "flatten")
 # the last layer each cost needs: (kind, activation); None: any layer
 _OUTPUT_LAYER = {
     "mse": None,
@@ -156,6 +178,65 @@ def layer_norm_jacobian(a_row: np.ndarray, eps: float) -> np.ndarray:
     return (np.eye(n) - np.full((n, n), 1.0 / n)) / sigma - np.outer(centred, centred) / (n * sigma**3)
 
 
+# ---------------------------------------------------------------- 1-D convolution and pooling, loops over t
+
+
+def conv1d_pre_activation(a_pad: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int) -> np.ndarray:
+    """z[n,o,t] = b[o] + sum_{i,k} w[o,i,k] a_pad[n,i,t s + k] for the padded input a_pad (N, C_in, L_pad)."""
+    kernel = w.shape[2]
+    length = (a_pad.shape[2] - kernel) // stride + 1
+    z = np.empty((a_pad.shape[0], w.shape[0], length))
+    for t in range(length):
+        window = a_pad[:, :, t * stride : t * stride + kernel]  # (N, C_in, K)
+        z[:, :, t] = np.einsum("nik,oik->no", window, w) + b[None, :]
+    return z
+
+
+def conv1d_input_gradient(delta: np.ndarray, w: np.ndarray, stride: int, padding: int, length: int) -> np.ndarray:
+    """dC/da (N, C_in, L) from delta = dC/dz (N, C_out, T): dC/da_pad[n,i,t s + k] += sum_o delta[n,o,t] w[o,i,k],
+    then the p padded positions cropped from each side (positions of a_pad no window reaches get 0)."""
+    kernel = w.shape[2]
+    grad_pad = np.zeros((delta.shape[0], w.shape[1], length + 2 * padding))
+    for t in range(delta.shape[2]):
+        grad_pad[:, :, t * stride : t * stride + kernel] += np.einsum("no,oik->nik", delta[:, :, t], w)
+    return grad_pad[:, :, padding : padding + length]
+
+
+def conv1d_parameter_gradients(delta: np.ndarray, a_pad: np.ndarray, kernel: int, stride: int):
+    """(dC/dw, dC/db): dC/dw[o,i,k] = sum_{n,t} delta[n,o,t] a_pad[n,i,t s + k], dC/db[o] = sum_{n,t} delta[n,o,t]."""
+    grad_w = np.zeros((delta.shape[1], a_pad.shape[1], kernel))
+    for t in range(delta.shape[2]):
+        grad_w += np.einsum("no,nik->oik", delta[:, :, t], a_pad[:, :, t * stride : t * stride + kernel])
+    return grad_w, np.sum(delta, axis=(0, 2))
+
+
+def max_pool1d_argmax(a: np.ndarray, kernel: int, stride: int) -> np.ndarray:
+    """j*[n,c,t]: the offset in window t of its FIRST maximum (np.argmax returns the first occurrence)."""
+    length = (a.shape[2] - kernel) // stride + 1
+    chosen = np.empty((a.shape[0], a.shape[1], length), dtype=np.intp)
+    for t in range(length):
+        chosen[:, :, t] = np.argmax(a[:, :, t * stride : t * stride + kernel], axis=2)
+    return chosen
+
+
+def max_pool1d_input_gradient(grad_out: np.ndarray, chosen: np.ndarray, stride: int, length: int) -> np.ndarray:
+    """dC/da[n,c,t s + j*] += dC/d(out)[n,c,t]: only the selected (first maximal) element of a window has
+    d out / d a = 1, every other has 0."""
+    grad_in = np.zeros(grad_out.shape[:2] + (length,))
+    rows, channels = np.indices(grad_out.shape[:2])
+    for t in range(grad_out.shape[2]):
+        grad_in[rows, channels, t * stride + chosen[:, :, t]] += grad_out[:, :, t]
+    return grad_in
+
+
+def avg_pool1d_input_gradient(grad_out: np.ndarray, kernel: int, stride: int, length: int) -> np.ndarray:
+    """dC/da[n,c,t s + j] += dC/d(out)[n,c,t] / k for j < k; overlapping windows (s < k) add up."""
+    grad_in = np.zeros(grad_out.shape[:2] + (length,))
+    for t in range(grad_out.shape[2]):
+        grad_in[:, :, t * stride : t * stride + kernel] += grad_out[:, :, t, None] / kernel
+    return grad_in
+
+
 # ---------------------------------------------------------------- checks
 
 
@@ -179,6 +260,10 @@ def _check_layer(layer, where: str) -> str:
         "residual": ("layers",),
         "layer_norm": ("scale", "offset", "eps"),
         "dropout": ("rate",),
+        "conv1d": ("w", "b", "stride", "padding", "activation"),
+        "max_pool1d": ("kernel", "stride"),
+        "avg_pool1d": ("kernel", "stride"),
+        "flatten": (),
     }[kind]
     missing = [key for key in required if key not in layer]
     if missing:
@@ -188,7 +273,8 @@ def _check_layer(layer, where: str) -> str:
 
 def _check_input(a: np.ndarray, n_in: int, where: str, kind: str, *, two_d: bool) -> None:
     if two_d and a.ndim != 2:
-        raise ValueError(f"{where} (dense) needs a 2-D input (N, {n_in}), got shape {a.shape}")
+        hint = "; put a flatten layer before it" if a.ndim == 3 else ""
+        raise ValueError(f"{where} (dense) needs a 2-D input (N, {n_in}), got shape {a.shape}{hint}")
     if a.ndim < 1 or a.shape[-1] != n_in:
         raise ValueError(f"{where} ({kind}) expects {n_in} features on the last axis, got input shape {a.shape}")
 
@@ -214,6 +300,23 @@ def _dropout_mask(layer: dict, a: np.ndarray, where: str, override) -> np.ndarra
 
 
 _NO_OVERRIDE = object()
+
+
+def _positive_int(layer: dict, key: str, where: str, kind: str, *, minimum: int) -> int:
+    value = layer[key]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{where} ({kind}) has {key} {value!r}; expected an int >= {minimum}")
+    return int(value)
+
+
+def _check_rank3(a: np.ndarray, where: str, kind: str, layout: str) -> None:
+    if a.ndim == 2:
+        raise ValueError(
+            f"{where} ({kind}) needs a 3-D input {layout}, got the 2-D shape {a.shape}; "
+            "add the channel axis (x[:, None, :] for one channel)"
+        )
+    if a.ndim != 3:
+        raise ValueError(f"{where} ({kind}) needs a 3-D input {layout}, got shape {a.shape}")
 
 
 # ---------------------------------------------------------------- forward
@@ -259,6 +362,64 @@ def _forward(layers, a: np.ndarray, masks: list | None, where: str):
             xhat = (a - mu) / np.sqrt(var + eps)
             out = xhat * scale + offset
             caches.append({"a": a, "xhat": xhat, "scale": scale, "eps": float(eps)})
+        elif kind == "conv1d":
+            w = _as_float(layer["w"], f"{here} w")
+            b = _as_float(layer["b"], f"{here} b")
+            name = layer["activation"]
+            if name == "softmax":
+                raise ValueError(
+                    f"{here} (conv1d) has activation 'softmax'; a conv1d's activation must be elementwise: use "
+                    "identity, then flatten and a dense softmax layer (or the softmax_cross_entropy cost)"
+                )
+            if name not in ACTIVATIONS:
+                raise ValueError(f"{here} has activation {name!r}; valid names: {', '.join(ACTIVATIONS)}")
+            if w.ndim != 3 or b.shape != (w.shape[0],):
+                raise ValueError(f"{here} needs w (C_out, C_in, K) and b (C_out,), got w {w.shape} and b {b.shape}")
+            stride = _positive_int(layer, "stride", here, kind, minimum=1)
+            padding = _positive_int(layer, "padding", here, kind, minimum=0)
+            c_out, c_in, kernel = w.shape
+            _check_rank3(a, here, kind, f"(N, C_in={c_in}, L)")
+            if a.shape[1] != c_in:
+                raise ValueError(
+                    f"{here} (conv1d) has C_in={c_in} input channels (w {w.shape}), got input shape {a.shape} "
+                    f"with {a.shape[1]} channels"
+                )
+            if kernel < 1 or c_in < 1 or c_out < 1:
+                raise ValueError(f"{here} (conv1d) has an empty w {w.shape}; expected C_out, C_in, K >= 1")
+            if kernel > a.shape[2] + 2 * padding:
+                raise ValueError(
+                    f"{here} (conv1d) kernel length K={kernel} is longer than the padded input length "
+                    f"L + 2p = {a.shape[2] + 2 * padding} (L={a.shape[2]}, p={padding})"
+                )
+            a_pad = np.pad(a, ((0, 0), (0, 0), (padding, padding)))  # zeros on both sides
+            z = conv1d_pre_activation(a_pad, w, b, stride)
+            out = activation(name, z)
+            caches.append({"a_pad": a_pad, "z": z, "w": w, "activation": name, "stride": stride, "padding": padding})
+        elif kind in ("max_pool1d", "avg_pool1d"):
+            kernel = _positive_int(layer, "kernel", here, kind, minimum=1)
+            stride = _positive_int(layer, "stride", here, kind, minimum=1)
+            _check_rank3(a, here, kind, "(N, C, L)")
+            if kernel > a.shape[2]:
+                raise ValueError(
+                    f"{here} ({kind}) kernel length {kernel} is longer than the input length L={a.shape[2]} "
+                    f"(input shape {a.shape}; no padding)"
+                )
+            length = (a.shape[2] - kernel) // stride + 1
+            if kind == "max_pool1d":
+                chosen = max_pool1d_argmax(a, kernel, stride)
+                starts = np.arange(length) * stride
+                out = np.take_along_axis(a, starts[None, None, :] + chosen, axis=2)
+                caches.append({"chosen": chosen, "stride": stride, "length": a.shape[2]})
+            else:
+                out = np.stack(
+                    [np.mean(a[:, :, t * stride : t * stride + kernel], axis=2) for t in range(length)], axis=2
+                )
+                caches.append({"kernel": kernel, "stride": stride, "length": a.shape[2]})
+        elif kind == "flatten":
+            if a.ndim < 2:
+                raise ValueError(f"{here} (flatten) needs a batch-first input of rank >= 2, got shape {a.shape}")
+            out = a.reshape(a.shape[0], -1)  # row-major: (c, l) -> c L + l
+            caches.append({"shape": a.shape})
         else:  # dropout
             override = masks.pop(0) if masks is not None and masks else _NO_OVERRIDE
             if masks is not None and override is _NO_OVERRIDE:
@@ -327,6 +488,21 @@ def _backward(layers, caches, grad_out: np.ndarray):
             rows_g = (grad_out * scale).reshape(-1, n)  # dC/dxhat
             rows_in = np.stack([layer_norm_jacobian(rows_a[k], eps).T @ rows_g[k] for k in range(rows_a.shape[0])])
             grad_out = rows_in.reshape(a.shape)
+        elif kind == "conv1d":
+            delta = grad_out * activation_derivative(cache["activation"], cache["z"])  # dC/dz
+            a_pad, w, stride, padding = cache["a_pad"], cache["w"], cache["stride"], cache["padding"]
+            grad_w, grad_b = conv1d_parameter_gradients(delta, a_pad, w.shape[2], stride)
+            grads[index] = {"w": grad_w, "b": grad_b}
+            grad_out = conv1d_input_gradient(delta, w, stride, padding, a_pad.shape[2] - 2 * padding)
+        elif kind == "max_pool1d":
+            grads[index] = {}
+            grad_out = max_pool1d_input_gradient(grad_out, cache["chosen"], cache["stride"], cache["length"])
+        elif kind == "avg_pool1d":
+            grads[index] = {}
+            grad_out = avg_pool1d_input_gradient(grad_out, cache["kernel"], cache["stride"], cache["length"])
+        elif kind == "flatten":
+            grads[index] = {}
+            grad_out = grad_out.reshape(cache["shape"])
         else:  # dropout
             grads[index] = {}
             if cache["mask"] is not None:
@@ -393,6 +569,9 @@ def loss_and_grads(
         if found != needed:
             raise ValueError(f"loss {loss!r} needs a last layer {needed[0]} {needed[1]!r}, got {found[0]} {found[1]!r}")
     x, out, caches = _run(layers, x, masks)
+    if out.ndim != 2:
+        hint = "; end the stack with a {'kind': 'flatten'} layer" if out.ndim == 3 else ""
+        raise ValueError(f"the costs need a 2-D network output (N, n_out), the stack gives shape {out.shape}{hint}")
     n = x.shape[0]
     if n == 0 and reduction == "mean":
         raise ValueError("x holds no examples (N = 0); the mean over them is undefined")
