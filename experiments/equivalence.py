@@ -427,7 +427,8 @@ def numpy_layers_oracle():
 
 
 def _draw_masks(layers, keys, batch: int, shape: tuple, dtype) -> list:
-    from purebp.layers import Dense, Dropout, Residual, layer_keys
+    from purebp.layers import Dropout, Residual, layer_keys
+    from purebp.layers.shapes import output_shape
 
     masks = []
     for index, layer in enumerate(layers):
@@ -438,8 +439,7 @@ def _draw_masks(layers, keys, batch: int, shape: tuple, dtype) -> list:
             masks.append(_draw_masks(layer.layers, keys_here, batch, shape, dtype))
         else:
             masks.append(None)
-        if isinstance(layer, Dense):
-            shape = (layer.w.shape[0],)
+        shape = output_shape(layer, shape)
     return masks
 
 
@@ -469,7 +469,7 @@ def dropout_masks(net, batch: int, key) -> list:
 def plain_layers(net, batch: int, key) -> list[dict]:
     """The ``Sequential`` ``net`` as the NumPy oracle's list of dicts (float64 copies), with the keep masks
     its dropout layers draw for a batch of ``batch`` under ``key`` (None: inference, no masks)."""
-    from purebp.layers import Dense, Dropout, LayerNorm, Residual
+    from purebp.layers import AvgPool1d, Conv1d, Dense, Dropout, Flatten, LayerNorm, MaxPool1d, Residual
 
     def convert(layers, masks) -> list[dict]:
         plain = []
@@ -484,6 +484,15 @@ def plain_layers(net, batch: int, key) -> list[dict]:
                 plain.append({"kind": "layer_norm", "scale": scale, "offset": offset, "eps": layer.eps})
             elif isinstance(layer, Dropout):
                 plain.append({"kind": "dropout", "rate": layer.rate, "mask": mask})
+            elif isinstance(layer, Conv1d):
+                w, b = np.asarray(layer.w, np.float64), np.asarray(layer.b, np.float64)
+                plain.append({"kind": "conv1d", "w": w, "b": b, "stride": layer.stride, "padding": layer.padding,
+                              "activation": layer.activation})  # fmt: skip
+            elif isinstance(layer, (MaxPool1d, AvgPool1d)):
+                kind = "max_pool1d" if isinstance(layer, MaxPool1d) else "avg_pool1d"
+                plain.append({"kind": kind, "kernel": layer.kernel, "stride": layer.stride})
+            elif isinstance(layer, Flatten):
+                plain.append({"kind": "flatten"})
             else:
                 raise TypeError(f"the NumPy oracle has no layer like {layer!r}")
         return plain
@@ -507,13 +516,16 @@ def _upcast(tree):
 
 
 def _kinked_signs(layers, caches) -> list[np.ndarray]:
-    """z > 0 for every relu/leaky_relu/elu dense layer, residual bodies included, from a forward pass's caches."""
-    from purebp.layers import Dense, Residual
+    """z > 0 for every relu/leaky_relu/elu dense or conv layer, and every max pool's arg-max (where the pooled
+    value stops being smooth), residual bodies included, from a forward pass's caches."""
+    from purebp.layers import Conv1d, Dense, MaxPool1d, Residual
 
     signs = []
     for layer, cache in zip(layers, caches):
-        if isinstance(layer, Dense) and layer.activation in KINKED:
+        if isinstance(layer, (Dense, Conv1d)) and layer.activation in KINKED:
             signs.append(cache.pre_activation > 0)
+        elif isinstance(layer, MaxPool1d):
+            signs.append(cache[0])
         elif isinstance(layer, Residual):
             signs += _kinked_signs(layer.layers, cache)
     return signs
@@ -594,18 +606,22 @@ def stack_directional_derivatives(case, h_leaves, rng: np.random.Generator) -> l
 
 
 def _contains_kink(layers) -> bool:
-    from purebp.layers import Dense, Residual
+    from purebp.layers import Conv1d, Dense, MaxPool1d, Residual
 
     return any(
-        (isinstance(layer, Dense) and layer.activation in KINKED)
+        (isinstance(layer, (Dense, Conv1d)) and layer.activation in KINKED)
+        or isinstance(layer, MaxPool1d)
         or (isinstance(layer, Residual) and _contains_kink(layer.layers))
         for layer in layers
     )
 
 
-def _leaf_kind(parameter: str) -> str:
-    """'dense' or 'layer_norm' by the parameter's name, '... in a residual body' below a residual block."""
-    kind = "layer_norm" if parameter.split(".")[-1] in ("scale", "offset") else "dense"
+def _leaf_kind(parameter: str, ndim: int = 2) -> str:
+    """'dense', 'conv1d' or 'layer_norm' by the parameter's name and rank, '... in a residual body' below a
+    residual block."""
+    kind = "conv1d" if ndim == 3 else "dense"
+    if parameter.split(".")[-1] in ("scale", "offset"):
+        kind = "layer_norm"
     return kind + (" in a residual body" if parameter.startswith("layers[") else "")
 
 
@@ -631,6 +647,11 @@ def run_stack_trial(spec, rng: np.random.Generator, *, finite_differences_too: b
             witness = "default (the -O0 one was not finite)"
     h_leaves = [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(grads_h)]
     names = leaf_names(case.net)
+    # a bias's kind is its weight's: conv1d when the leaf before it (its layer's w) has rank 3
+    ranks = {name: leaf.ndim for (_, name), leaf in zip(names, h_leaves)}
+    ranks = {
+        name: ranks.get(name[: -len(".b")] + ".w", 2) if name.endswith(".b") else rank for name, rank in ranks.items()
+    }
     base = {
         "architecture": spec.notation,
         "loss": spec.loss,
@@ -643,7 +664,7 @@ def run_stack_trial(spec, rng: np.random.Generator, *, finite_differences_too: b
     }
 
     def row(oracle: str, layer: int, parameter: str, error: float, status: str = "compared", **fd) -> dict:
-        kind = "loss" if parameter == "loss" else _leaf_kind(parameter)
+        kind = "loss" if parameter == "loss" else _leaf_kind(parameter, ranks.get(parameter, 2))
         fd = {"fd_step": math.nan, "fd_error_estimate": math.nan, "autodiff_vs_numpy": math.nan, **fd}
         return {**base, "oracle": oracle, "layer": layer, "param": parameter, "kind": kind, "error": error,
                 "status": status, **fd}  # fmt: skip
@@ -721,13 +742,14 @@ def summarise_stacks(rows: list[dict], by_kind: bool) -> list[dict]:
 
 
 def write_stack_outputs(rows, specs, seconds, out: Path, quick: bool, oracles_run, fd_every: int, load: str,
-                        seed: int = 0) -> None:  # fmt: skip
+                        seed: int = 0, conv: bool = False) -> None:  # fmt: skip
     import csv
 
     from purebp.testing import NOTATION_HELP
 
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / ("equivalence_layers_quick" if quick else "equivalence_layers")
+    name = "equivalence_conv" if conv else "equivalence_layers"
+    stem = out / (f"{name}_quick" if quick else name)
     fields = list(dict.fromkeys(key for row in rows for key in row))
     with open(f"{stem}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
@@ -754,7 +776,11 @@ def write_stack_outputs(rows, specs, seconds, out: Path, quick: bool, oracles_ru
         f"with one nested in another, {count(lambda s: _contains(s.layers, 'layer_norm'))} with layer norm, "
         f"{count(lambda s: _contains(s.layers, 'dropout'))} with dropout ({count(lambda s: s.has_dropout)} of them "
         f"with a key: masks drawn), {count(lambda s: s.layers[-1][0] != 'dense')} ending in a layer other than "
-        f"dense; losses: "
+        f"dense, {count(lambda s: _contains(s.layers, 'conv1d'))} with conv1d, "
+        f"{count(lambda s: _contains(s.layers, 'max_pool1d'))} with max pooling, "
+        f"{count(lambda s: _contains(s.layers, 'avg_pool1d'))} with average pooling, "
+        f"{count(lambda s: any(d[0] == 'residual' and _contains(d[1], 'conv1d') for d in s.layers))} with a "
+        f"residual block of convs; losses: "
         + ", ".join(f"{loss} {count(lambda s, loss=loss: s.loss == loss)}" for loss in sorted({s.loss for s in specs}))
         + f"), {len(rows)} comparisons, **{mismatches} mismatches**. Oracles run: {', '.join(oracles_run)}; finite "
         f"differences on {n_fd} of the architectures (one in {fd_every}). {seconds:.0f} s on "
@@ -773,7 +799,7 @@ def write_stack_outputs(rows, specs, seconds, out: Path, quick: bool, oracles_ru
         "`layer_keys` say); tolerances 1e-10 (float64 h) and 1e-5 (float32 h), 1e-6 at least against finite "
         "differences.",
         "",
-        f"Command: `python -m experiments.equivalence --layers all{' --quick' if quick else ''}"
+        f"Command: `python -m experiments.equivalence --layers {'conv' if conv else 'all'}{' --quick' if quick else ''}"
         + (f" --trials {len(specs)}" if not quick and len(specs) != 2000 else "")
         + (f" --fd-every {fd_every}" if not quick and fd_every != STACK_FD_EVERY else "")
         + (f" --seed {seed}" if seed else "")
@@ -880,7 +906,8 @@ def run_stacks(args) -> int:
     fd_every = 1 if args.quick else args.fd_every
     limits = STACK_QUICK_LIMITS if args.quick else STACK_LIMITS
     rng = np.random.default_rng(args.seed)
-    specs = [random_stack_spec(rng, dtype=("float32", "float64")[i % 2], **limits) for i in range(trials)]
+    conv = args.layers == "conv"
+    specs = [random_stack_spec(rng, dtype=("float32", "float64")[i % 2], conv=conv, **limits) for i in range(trials)]
     load_start = os.getloadavg()[0]
     start = time.perf_counter()
     rows = []
@@ -891,7 +918,7 @@ def run_stacks(args) -> int:
             print(f"{number}/{trials} stacks, {time.perf_counter() - start:.0f} s", flush=True)
     seconds = time.perf_counter() - start
     load = f"1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
-    write_stack_outputs(rows, specs, seconds, args.out, args.quick, oracles_run, fd_every, load, args.seed)
+    write_stack_outputs(rows, specs, seconds, args.out, args.quick, oracles_run, fd_every, load, args.seed, conv)
     table = summarise_stacks(rows, by_kind=False)
     mismatches = sum(r["mismatches"] for r in table)
     print(f"{trials} stacks, {len(rows)} comparisons, {mismatches} mismatches, {seconds:.0f} s")
@@ -913,10 +940,11 @@ def main(argv=None) -> int:
     parser.add_argument("--previous-label", default="previous run", help="how the table labels those rows")
     parser.add_argument(
         "--layers",
-        choices=("mlp", "all"),
+        choices=("mlp", "all", "conv"),
         default="mlp",
         help="mlp: random MLPs (default); all: random stacks of dense, residual, layer norm and dropout layers, "
-        "written to equivalence_layers.*",
+        "written to equivalence_layers.*; conv: the same behind a random conv1d / pooling / residual-conv / layer "
+        "norm front and a flatten, written to equivalence_conv.*",
     )
     parser.add_argument(
         "--fd-every",
@@ -925,7 +953,7 @@ def main(argv=None) -> int:
         help=f"--layers all: finite differences on every k-th architecture (default {STACK_FD_EVERY})",
     )
     args = parser.parse_args(argv)
-    if args.layers == "all":
+    if args.layers in ("all", "conv"):
         if args.previous is not None or set(args.oracles) != set(ORACLES):
             parser.error("--layers all runs every oracle there is; --oracles and --previous are for --layers mlp")
         if args.fd_every < 1:

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from purebp.layers import Dense, Dropout, LayerNorm, Residual
+from purebp.layers import AvgPool1d, Conv1d, Dense, Dropout, Flatten, LayerNorm, MaxPool1d, Residual
 from purebp.network import Layer, Network, Sequential, validate_network, validate_sequential
 
 FORMAT_MLP = "purebp-checkpoint-1"
@@ -114,6 +114,20 @@ def _describe_dropout(layer: Dropout, where: str) -> dict:
     return {"rate": _static(layer, "rate", (float, int), where)}
 
 
+def _describe_conv1d(layer: Conv1d, where: str) -> dict:
+    return {
+        "activation": _static(layer, "activation", (str,), where),
+        "channels": int(np.shape(layer.w)[0]),
+        "kernel": int(np.shape(layer.w)[2]),
+        "stride": _static(layer, "stride", (int,), where),
+        "padding": _static(layer, "padding", (int,), where),
+    }
+
+
+def _describe_pool(layer: MaxPool1d | AvgPool1d, where: str) -> dict:
+    return {"kernel": _static(layer, "kernel", (int,), where), "stride": _static(layer, "stride", (int,), where)}
+
+
 class _Leaf:
     """Stands for a parameter array while a network is rebuilt from its description (a pytree leaf)."""
 
@@ -140,6 +154,10 @@ def _build_dropout(description: dict, build: Callable) -> Dropout:
     return Dropout(description["rate"])
 
 
+def _build_conv1d(description: dict, build: Callable) -> Conv1d:
+    return Conv1d(_LEAF, _LEAF, description["stride"], description["padding"], description["activation"])
+
+
 # One row per built-in layer type: its kind in the file, how to describe it, how to rebuild it (with
 # placeholder leaves). A new built-in layer kind adds a row here; any other layer is "custom".
 _BUILT_IN: dict[type, tuple[str, Callable, Callable]] = {
@@ -147,8 +165,16 @@ _BUILT_IN: dict[type, tuple[str, Callable, Callable]] = {
     Residual: ("residual", _describe_residual, _build_residual),
     LayerNorm: ("layer_norm", _describe_layer_norm, _build_layer_norm),
     Dropout: ("dropout", _describe_dropout, _build_dropout),
+    Conv1d: ("conv1d", _describe_conv1d, _build_conv1d),
+    MaxPool1d: ("max_pool1d", _describe_pool, lambda description, build: MaxPool1d(**_pool_fields(description))),
+    AvgPool1d: ("avg_pool1d", _describe_pool, lambda description, build: AvgPool1d(**_pool_fields(description))),
+    Flatten: ("flatten", lambda layer, where: {}, lambda description, build: Flatten()),
 }
 _BUILD = {kind: build for kind, _, build in _BUILT_IN.values()}
+
+
+def _pool_fields(description: dict) -> dict:
+    return {"kernel": description["kernel"], "stride": description["stride"]}
 
 
 def _type_name(layer: object) -> str:
@@ -159,7 +185,9 @@ def describe_layer(layer: object, where: str = "layer") -> dict:
     """Return a JSON-able description of one layer: ``{"kind": ..., <its static fields>}``.
 
     Built-in kinds: ``dense`` (activation, n_out), ``residual`` (layers: the
-    body, described the same way), ``layer_norm`` (eps), ``dropout`` (rate).
+    body, described the same way), ``layer_norm`` (eps), ``dropout`` (rate),
+    ``conv1d`` (activation, channels, kernel, stride, padding), ``max_pool1d`` and
+    ``avg_pool1d`` (kernel, stride), ``flatten``.
     Any other layer is ``custom``: its type (module.qualname), its tree
     structure as text (which shows its static fields) and its leaves' shapes.
     ``where`` names the layer in error messages.

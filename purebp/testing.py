@@ -26,7 +26,7 @@ import numpy as np
 from purebp import activations as _activations
 from purebp import losses as _losses
 from purebp.check import GradientReport, check_gradients
-from purebp.layers import Dense, Dropout, LayerNorm, Residual
+from purebp.layers import AvgPool1d, Conv1d, Dense, Dropout, Flatten, LayerNorm, MaxPool1d, Residual
 from purebp.network import AnyNetwork, Layer, Network, Sequential, validate_sequential
 
 HIDDEN_ACTIVATIONS = tuple(name for name in _activations.BUILTIN_NAMES if name != "softmax")
@@ -221,8 +221,11 @@ def assert_case_matches(case: Case | StackCase, *, tolerance: float | None = Non
 # ---------------------------------------------------------------- random stacks over every layer kind
 
 # A layer description is a plain tuple: ("dense", n_out, activation), ("residual", (description, ...)),
-# ("layer_norm",) or ("dropout", rate). A StackSpec holds a tuple of them: its repr is a line that replays it.
-LAYER_KINDS = ("dense", "residual", "layer_norm", "dropout")
+# ("layer_norm",), ("dropout", rate), ("conv1d", channels, kernel, stride, padding, activation),
+# ("max_pool1d", kernel, stride), ("avg_pool1d", kernel, stride) or ("flatten",). A StackSpec holds a tuple of
+# them: its repr is a line that replays it.
+LAYER_KINDS = ("dense", "residual", "layer_norm", "dropout", "conv1d", "max_pool1d", "avg_pool1d", "flatten")
+CONV_KINDS = ("conv1d", "max_pool1d", "avg_pool1d")
 DROPOUT_RATES = (0.5, 0.1, 0.25)
 # over 2 features the normalised vector is +-(1, -1) whatever the input: the gradient through it is
 # O(eps / var), i.e. rounding (float32 hand-written and autodiff then differ by 3e-5 of a leaf), not a test
@@ -250,13 +253,24 @@ ACTIVATION_CODES = {
 NOTATION_HELP = (
     "in4 = 4 inputs; d5t = dense(5, tanh), activation letters: (none) identity, s sigmoid, t tanh, r relu, "
     "lr leaky_relu, e elu, sp softplus, g gelu, sm softmax; r(...) = residual a + F(a), its body inside; "
-    "ln = layer_norm; do.25 = dropout(0.25); > = then"
+    "ln = layer_norm; do.25 = dropout(0.25); in2x9 = 2 channels of length 9; c3k5s2p1r = conv1d(3, kernel 5, "
+    "stride 2, padding 1, relu); mp2s1 / ap2s1 = max / avg pool (kernel 2, stride 1); fl = flatten; > = then"
 )
+
+
+def _positive_ints(values: Sequence[object], least: Sequence[int]) -> bool:
+    return all(
+        not isinstance(value, bool) and isinstance(value, int) and value >= low for value, low in zip(values, least)
+    )
 
 
 def _check_description(description: object, where: str) -> None:
     """Raise ValueError naming the bad description if it is not one of the four forms."""
-    forms = "('dense', n_out, activation), ('residual', (...)), ('layer_norm',) or ('dropout', rate)"
+    forms = (
+        "('dense', n_out, activation), ('residual', (...)), ('layer_norm',), ('dropout', rate), "
+        "('conv1d', channels, kernel, stride, padding, activation), ('max_pool1d', kernel, stride), "
+        "('avg_pool1d', kernel, stride) or ('flatten',)"
+    )
     if not isinstance(description, tuple) or not description or description[0] not in LAYER_KINDS:
         raise ValueError(f"{where}: expected a layer description {forms}, got {description!r}")
     kind, arguments = description[0], description[1:]
@@ -275,9 +289,19 @@ def _check_description(description: object, where: str) -> None:
             raise ValueError(f"{where}: expected ('residual', (body description, ...)), got {description!r}")
         for index, inner in enumerate(arguments[0]):
             _check_description(inner, f"{where} body[{index}]")
-    elif kind == "layer_norm":
+    elif kind in ("layer_norm", "flatten"):
         if arguments:
-            raise ValueError(f"{where}: expected ('layer_norm',), got {description!r}")
+            raise ValueError(f"{where}: expected ('{kind}',), got {description!r}")
+    elif kind == "conv1d":
+        if len(arguments) != 5 or not _positive_ints(arguments[:4], (1, 1, 1, 0)) or not isinstance(arguments[4], str):
+            raise ValueError(
+                f"{where}: expected ('conv1d', channels >= 1, kernel >= 1, stride >= 1, padding >= 0, activation), "
+                f"got {description!r}"
+            )
+        _activations.get(arguments[4])
+    elif kind in ("max_pool1d", "avg_pool1d"):
+        if len(arguments) != 2 or not _positive_ints(arguments, (1, 1)):
+            raise ValueError(f"{where}: expected ('{kind}', kernel >= 1, stride >= 1), got {description!r}")
     elif len(arguments) != 1 or isinstance(arguments[0], bool) or not 0.0 <= arguments[0] < 1.0:
         raise ValueError(f"{where}: expected ('dropout', rate in [0, 1)), got {description!r}")
 
@@ -291,12 +315,30 @@ def _notation(description: tuple) -> str:
         return "r(" + ",".join(_notation(inner) for inner in description[1]) + ")"
     if kind == "layer_norm":
         return "ln"
+    if kind == "flatten":
+        return "fl"
+    if kind == "conv1d":
+        _, channels, kernel, stride, padding, activation = description
+        return f"c{channels}k{kernel}s{stride}p{padding}{ACTIVATION_CODES.get(activation, f'[{activation}]')}"
+    if kind in ("max_pool1d", "avg_pool1d"):
+        return f"{kind[0]}p{description[1]}s{description[2]}"
     rate = f"{description[1]:g}"
     return "do" + (rate[1:] if rate.startswith("0.") else rate)
 
 
-def _width_after(description: tuple, width: int) -> int:
-    return description[1] if description[0] == "dense" else width
+def _shape_after(description: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The per-example shape after one layer: (width,) for flat features, (channels, length) for conv inputs."""
+    kind = description[0]
+    if kind == "dense":
+        return (description[1],)
+    if kind == "conv1d":
+        _, channels, kernel, stride, padding, _ = description
+        return (channels, (shape[-1] + 2 * padding - kernel) // stride + 1)
+    if kind in ("max_pool1d", "avg_pool1d"):
+        return (shape[0], (shape[-1] - description[1]) // description[2] + 1)
+    if kind == "flatten":
+        return (int(np.prod(shape)),)
+    return shape
 
 
 def _contains(descriptions: Sequence[tuple], kind: str) -> bool:
@@ -323,6 +365,7 @@ class StackSpec:
     seed: int = 0
     with_key: bool = True
     one_hot: bool = False  # classification targets as one-hot rows instead of integer labels
+    input_length: int = 0  # 0: inputs (N, input_width); L > 0: (N, input_width channels, L), for conv stacks
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, tuple) or not self.layers:
@@ -331,11 +374,16 @@ class StackSpec:
             _check_description(description, f"StackSpec.layers[{index}]")
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The per-example input shape: (input_width,) or (channels, length)."""
+        return (self.input_width, self.input_length) if self.input_length else (self.input_width,)
+
+    @property
     def output_width(self) -> int:
-        width = self.input_width
+        shape = self.input_shape
         for description in self.layers:
-            width = _width_after(description, width)
-        return width
+            shape = _shape_after(description, shape)
+        return shape[-1]
 
     @property
     def has_dropout(self) -> bool:
@@ -345,7 +393,8 @@ class StackSpec:
     @property
     def notation(self) -> str:
         """The architecture in one short line, e.g. ``in4>d5t>r(d5r,ln)>do.2>d3`` (see ``NOTATION_HELP``)."""
-        return ">".join([f"in{self.input_width}"] + [_notation(description) for description in self.layers])
+        first = f"in{self.input_width}" + (f"x{self.input_length}" if self.input_length else "")
+        return ">".join([first] + [_notation(description) for description in self.layers])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,21 +424,35 @@ def _array(values: np.ndarray, dtype: np.dtype) -> jax.Array:
     return jnp.asarray(np.asarray(values, dtype=dtype))
 
 
-def _build_layers(descriptions: Sequence[tuple], width: int, rng: np.random.Generator, dtype, scale: float) -> list:
-    """Initialised layers for ``descriptions`` on inputs of ``width`` features, drawn in order from ``rng``."""
+def _build_layers(
+    descriptions: Sequence[tuple], shape: tuple[int, ...], rng: np.random.Generator, dtype, scale: float
+) -> list:
+    """Initialised layers for ``descriptions`` on per-example inputs of ``shape``, drawn in order from ``rng``."""
     layers = []
     for description in descriptions:
         kind = description[0]
-        if kind == "dense":
+        width = shape[-1]
+        if kind == "conv1d":
+            _, channels, kernel, stride, padding, activation = description
+            fan_in = shape[0] * kernel
+            w = scale * rng.standard_normal((channels, shape[0], kernel)) / np.sqrt(fan_in)
+            b = 0.5 * rng.standard_normal(channels)
+            layers.append(Conv1d(_array(w, dtype), _array(b, dtype), stride, padding, activation))
+        elif kind == "max_pool1d":
+            layers.append(MaxPool1d(description[1], description[2]))
+        elif kind == "avg_pool1d":
+            layers.append(AvgPool1d(description[1], description[2]))
+        elif kind == "flatten":
+            layers.append(Flatten())
+        elif kind == "dense":
             n_out, activation = description[1], description[2]
             w = scale * rng.standard_normal((n_out, width)) / np.sqrt(width)
             b = 0.5 * rng.standard_normal(n_out)
             layers.append(Dense(_array(w, dtype), _array(b, dtype), activation))
-            width = n_out
         elif kind == "residual":
             # a + F(a) adds the body's variance to the input's: a body scaled by 1/sqrt(2) keeps deep
             # stacks of blocks out of sigmoid/tanh saturation
-            body = _build_layers(description[1], width, rng, dtype, scale / np.sqrt(2.0))
+            body = _build_layers(description[1], shape, rng, dtype, scale / np.sqrt(2.0))
             layers.append(Residual(tuple(body)))
         elif kind == "layer_norm":
             layer_scale = 1.0 + 0.25 * rng.standard_normal(width)  # not 1 and 0: exercise both parameter paths
@@ -397,6 +460,7 @@ def _build_layers(descriptions: Sequence[tuple], width: int, rng: np.random.Gene
             layers.append(LayerNorm(_array(layer_scale, dtype), _array(offset, dtype)))
         else:
             layers.append(Dropout(float(description[1])))
+        shape = _shape_after(description, shape)
     return layers
 
 
@@ -424,17 +488,48 @@ def make_stack_case(spec: StackSpec) -> StackCase:
     """
     dtype = np.dtype(spec.dtype)
     rng = np.random.default_rng(spec.seed)
-    layers = _build_layers(spec.layers, spec.input_width, rng, dtype, 1.0)
-    net = Sequential(layers=tuple(layers), input_shape=(spec.input_width,))
+    layers = _build_layers(spec.layers, spec.input_shape, rng, dtype, 1.0)
+    net = Sequential(layers=tuple(layers), input_shape=spec.input_shape)
     validate_sequential(net)
-    x = _array(rng.standard_normal((spec.batch, spec.input_width)), dtype)
+    x = _array(rng.standard_normal((spec.batch,) + spec.input_shape), dtype)
     y = _targets(rng, spec.loss, spec.batch, spec.output_width, spec.one_hot, dtype)
     key = jax.random.key(spec.seed) if spec.with_key else None
     return StackCase(spec=spec, net=net, x=x, y=y, key=key)
 
 
+def _draw_conv_front(integer, pick, hidden: tuple, max_items: int = 3) -> tuple[int, int, tuple]:
+    """(channels, length, layers): 1..max_items conv1d / pooling / shape-keeping residual / layer norm, then flatten."""
+    channels, length = integer(1, 3), integer(4, 12)
+    shape, layers = (channels, length), []
+    for _ in range(integer(1, max_items)):
+        kind = pick(("conv1d", "max_pool1d", "avg_pool1d", "residual", "conv1d", "layer_norm"))
+        if kind == "layer_norm" and shape[1] < LAYER_NORM_MIN_WIDTH:
+            kind = "conv1d"
+        if kind == "conv1d":
+            padding = integer(0, 2)
+            kernel = integer(1, min(5, shape[1] + 2 * padding))
+            description = ("conv1d", integer(1, 4), kernel, integer(1, 3), padding, pick(hidden))
+        elif kind in ("max_pool1d", "avg_pool1d"):
+            description = (kind, integer(1, min(3, shape[1])), integer(1, 3))
+        elif kind == "residual":
+            # a + F(a): F keeps the shape, so its convs have stride 1 and padding (K - 1) / 2 around an odd K
+            body = []
+            for _ in range(integer(1, 2)):
+                kernel = pick((1, 3, 5))
+                body.append(("conv1d", shape[0], kernel, 1, (kernel - 1) // 2, pick(hidden)))
+            if shape[1] >= LAYER_NORM_MIN_WIDTH and pick((False, True)):
+                body.insert(integer(0, len(body)), ("layer_norm",))
+            description = ("residual", tuple(body))
+        else:
+            description = ("layer_norm",)
+        layers.append(description)
+        shape = _shape_after(description, shape)
+    layers.append(("flatten",))
+    return channels, length, tuple(layers)
+
+
 def _draw_stack_spec(
-    integer, pick, *, dtypes, max_depth, max_width, max_batch, outputs, hidden, with_keys
+    integer, pick, *, dtypes, max_depth, max_width, max_batch, outputs, hidden, with_keys, conv=False
 ) -> StackSpec:
     """The one generator behind ``random_stack_spec`` (NumPy) and ``stack_specs`` (hypothesis).
 
@@ -448,6 +543,15 @@ def _draw_stack_spec(
     output = pick(outputs[loss])
     depth = integer(1, max_depth)  # top-level layers, the output layer included
     width = input_width = integer(narrowest, max(narrowest, max_width))
+    input_length, front = 0, ()
+    if conv is None:
+        conv = pick((False, True))
+    if conv:  # a conv front, flattened into the dense part; draws nothing when conv is False
+        input_width, input_length, front = _draw_conv_front(integer, pick, tuple(hidden))
+        shape = (input_width, input_length)
+        for description in front:
+            shape = _shape_after(description, shape)
+        width = shape[0]
     # mse and softmax cross-entropy also take a network ending in a residual block, layer norm or dropout
     trailing = None
     if loss in IDENTITY_OUTPUT_LOSSES and depth >= 2 and pick((False, True)):
@@ -469,7 +573,7 @@ def _draw_stack_spec(
             items.insert(integer(0, len(items)), extra)
         return tuple(items)
 
-    layers = []
+    layers = list(front)
     for _ in range(depth - 1 - (trailing is not None)):
         kind = pick(("dense", "residual", "layer_norm", "dropout", "dense", "residual"))
         if kind == "layer_norm" and width < LAYER_NORM_MIN_WIDTH:
@@ -504,6 +608,7 @@ def _draw_stack_spec(
         seed=integer(0, 2**31 - 1),
         with_key=pick(tuple(with_keys)),
         one_hot=loss in _losses.CLASSIFICATION_LOSSES and pick((False, True)),
+        input_length=input_length,
     )
 
 
@@ -531,6 +636,7 @@ def random_stack_spec(
     with_key: bool | None = None,
     losses: Sequence[str] = _losses.LOSSES,
     hidden_activations: Sequence[str] = HIDDEN_ACTIVATIONS,
+    conv: bool | None = False,
 ) -> StackSpec:
     """Draw a random ``StackSpec`` from a NumPy ``Generator`` (no hypothesis).
 
@@ -543,6 +649,14 @@ def random_stack_spec(
     softmax cross-entropy networks may end in a residual block, layer norm or
     dropout instead. ``with_key`` None: drawn (dropout active or not). float32
     stacks have no input or hidden width below 3 (``FLOAT32_MIN_HIDDEN_WIDTH``).
+
+    ``conv=True``: the stack starts with a conv front on inputs (N, 1..3
+    channels, length 4..12): 1..3 of conv1d (kernel 1..5, stride 1..3,
+    padding 0..2, any hidden activation), max or average pooling, a residual
+    block of shape-keeping convs (maybe with a layer norm) and layer norm over
+    the length axis, then a flatten before the dense part above. ``conv=None``:
+    drawn. ``conv=False`` (the default) draws exactly what it drew before conv
+    layers existed, so old seeds replay.
     """
     options = _stack_options(losses, hidden_activations, with_key)
     return _draw_stack_spec(
@@ -552,6 +666,7 @@ def random_stack_spec(
         max_depth=max_depth,
         max_width=max_width,
         max_batch=max_batch,
+        conv=conv,
         **options,
     )
 
@@ -565,6 +680,7 @@ def stack_specs(
     with_key: bool | None = None,
     losses: Sequence[str] = _losses.LOSSES,
     hidden_activations: Sequence[str] = HIDDEN_ACTIVATIONS,
+    conv: bool | None = False,
 ):
     """A hypothesis strategy of ``StackSpec``s, drawn as ``random_stack_spec`` draws (needs ``purebp[test]``).
 
@@ -585,6 +701,7 @@ def stack_specs(
             max_depth=max_depth,
             max_width=max_width,
             max_batch=max_batch,
+            conv=conv,
             **options,
         )
 

@@ -18,8 +18,13 @@ convolution W *^T . where it has W^T .):
     (BP4)     dC/dW^l[o, i, k] = sum_{n, t} delta^l[n, o, t] a_pad^{l-1}[n, i, s t + k]:
               the correlation of the input with delta
 
-XLA's convolution primitive (``lax.conv_general_dilated``) computes all three
-products; reference/DERIVATION.md derives the transposed form.
+Each product is one matrix product over the input windows u[n, i, k, t] =
+a_pad[n, i, s t + k] (``layers/windows.py``): z = W . u, dC/dW = delta . u, and
+dC/da adds W^T delta back where each window read (the transposed convolution
+written as zero-interleaving pads). On XLA's CPU backend this runs several
+times faster inside a ``lax.scan`` training loop than ``lax.conv_general_dilated``
+(``experiments/benchmark_conv.py``); reference/DERIVATION.md derives the
+transposed form.
 """
 
 from __future__ import annotations
@@ -33,24 +38,18 @@ import numpy as np
 
 from purebp import activations as _activations
 from purebp.layers.dense import HE_ACTIVATIONS
+from purebp.layers.windows import output_length, overlap_add, windows
 
 Array = jax.Array
 
-# (batch, channel, length) activations, (out channel, in channel, length) kernels: PyTorch's layout
-_LAYOUT = ("NCH", "OIH", "NCH")
-
 
 class ConvCache(NamedTuple):
-    """What the backward rule needs: a^{l-1} (dz/dW is a window of it), z^l and a^l (for G')."""
+    """What the backward rule needs: the input windows u (dz/dW = u), z^l and a^l (for G'), the input length."""
 
-    input: Array
+    windows: Array  # u[n, i, k, t] = a_pad^{l-1}[n, i, s t + k]
     pre_activation: Array
     activation: Array
-
-
-def output_length(length: int, kernel: int, stride: int, padding: int = 0) -> int:
-    """floor((L + 2p - K) / s) + 1, PyTorch's output length (no dilation)."""
-    return (length + 2 * padding - kernel) // stride + 1
+    input_length: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +66,10 @@ class Conv1d:
     activation: str = dataclasses.field(default="identity", metadata={"static": True})
 
     def forward(self, a: Array, key: Array | None = None) -> tuple[Array, ConvCache]:
-        convolution = jax.lax.conv_general_dilated(
-            a, self.w, window_strides=(self.stride,), padding=[(self.padding, self.padding)], dimension_numbers=_LAYOUT
-        )
-        pre_activation = convolution + self.b[None, :, None]  # z^l = W^l * a^{l-1} + b^l
+        u = windows(a, self.w.shape[2], self.stride, self.padding)  # u[n, i, k, t] = a_pad[n, i, s t + k]
+        pre_activation = jnp.einsum("oik,nikt->not", self.w, u) + self.b[None, :, None]  # z^l = W^l * a^{l-1} + b^l
         activation = _activations.get(self.activation).forward(pre_activation)  # a^l = G(z^l)
-        return activation, ConvCache(a, pre_activation, activation)
+        return activation, ConvCache(u, pre_activation, activation, a.shape[2])
 
     def delta(self, cache: ConvCache, grad_out: Array) -> Array:
         """delta^l = dC/da^l (.) G'(z^l), elementwise over channels and positions."""
@@ -82,60 +79,19 @@ class Conv1d:
 
     def backward(self, cache: ConvCache, grad_out: Array) -> tuple[Array, Conv1d]:
         delta = self.delta(cache, grad_out)  # (BP1)/(BP2) delta^l = dC/da^l (.) G'(z^l)
-        grad_w = self.weight_gradient(cache.input, delta)  # (BP4) the correlation of a^{l-1} with delta^l
+        # (BP4) dC/dW^l[o, i, k] = sum_{n, t} delta^l[n, o, t] a_pad^{l-1}[n, i, s t + k]: input correlated with delta
+        grad_w = jnp.einsum("not,nikt->oik", delta, cache.windows)
         grad_b = jnp.sum(delta, axis=(0, 2))  # (BP3) sum over examples and positions of delta^l
-        grad_in = self.input_gradient(delta, cache.input.shape[2])  # (BP2) W^l *^T delta^l
+        # (BP2) dC/da^{l-1} = W^l *^T delta^l, the transposed convolution: each window's share W^T delta_t,
+        # added back where the window read it (delta dilated by s against the flipped kernel, padding undone)
+        grad_windows = jnp.einsum("oik,not->nikt", self.w, delta)
+        grad_in = overlap_add(grad_windows, cache.input_length, self.stride, self.padding)
         return grad_in, Conv1d(grad_w, grad_b, self.stride, self.padding, self.activation)
-
-    def input_gradient(self, delta: Array, length: int) -> Array:
-        """dC/da = W *^T delta, (N, C_in, L): the transposed convolution.
-
-        delta is dilated by the stride (s - 1 zeros between positions), then
-        correlated with the kernel flipped along its length and with its
-        channel axes swapped, over delta padded by K - 1 - p on the left and
-        K - 1 - p + r on the right, where r = (L + 2p - K) mod s counts the
-        input positions past the last window (they get no gradient). A
-        negative padding crops, which undoes a padding p > K - 1.
-        """
-        kernel = self.w.shape[2]
-        left = kernel - 1 - self.padding
-        unused = (length + 2 * self.padding - kernel) % self.stride
-        flipped = jnp.swapaxes(self.w[:, :, ::-1], 0, 1)  # (C_in, C_out, K): W[o, i, K - 1 - k]
-        return jax.lax.conv_general_dilated(
-            delta,
-            flipped,
-            window_strides=(1,),
-            padding=[(left, left + unused)],
-            lhs_dilation=(self.stride,),
-            dimension_numbers=_LAYOUT,
-        )
-
-    def weight_gradient(self, a: Array, delta: Array) -> Array:
-        """dC/dW[o, i, k] = sum_{n, t} delta[n, o, t] a_pad[n, i, s t + k], summed over the batch.
-
-        One convolution with the batch as the contracted axis: a_pad is read
-        with its channels as the batch and its examples as the features, and
-        delta, dilated by the stride, is the kernel.
-        """
-        kernel = self.w.shape[2]
-        length = a.shape[2]
-        # windows past the last one end before the padded input does: crop what no window reads
-        unused = (length + 2 * self.padding - kernel) % self.stride
-        correlation = jax.lax.conv_general_dilated(
-            a,
-            delta,
-            window_strides=(1,),
-            padding=[(self.padding, self.padding - unused)],
-            rhs_dilation=(self.stride,),
-            dimension_numbers=("CNH", "IOH", "CNH"),
-        )
-        return correlation  # (C_out, C_in, K): output batch axis is delta's channels (see dimension_numbers)
 
     def per_example_grads(self, cache: ConvCache, grad_out: Array) -> Conv1d:
         delta = self.delta(cache, grad_out)
-        windows = self.windows(cache.input)  # (N, C_in, K, L_out)
         # (BP4) and (BP3) for one example: sum over positions of delta[n, o, t] a_pad[n, i, s t + k]
-        grad_w = jnp.einsum("not,nikt->noik", delta, windows)
+        grad_w = jnp.einsum("not,nikt->noik", delta, cache.windows)
         return Conv1d(grad_w, jnp.sum(delta, axis=2), self.stride, self.padding, self.activation)
 
     def per_example_squared_norms(self, cache: ConvCache, grad_out: Array) -> Conv1d:
@@ -150,7 +106,7 @@ class Conv1d:
         delta = self.delta(cache, grad_out)
         out_channels, in_channels, kernel = self.w.shape
         positions = delta.shape[2]
-        windows = self.windows(cache.input)
+        windows = cache.windows
         if use_gram_form(out_channels, in_channels, kernel, positions):
             delta_gram = jnp.einsum("not,nou->ntu", delta, delta)  # delta_t . delta_t'
             window_gram = jnp.einsum("nikt,niku->ntu", windows, windows)  # u_t . u_t'
@@ -160,14 +116,6 @@ class Conv1d:
             grad_w_sq = jnp.sum(grad_w * grad_w, axis=(1, 2, 3))
         grad_b = jnp.sum(delta, axis=2)
         return Conv1d(grad_w_sq, jnp.sum(grad_b * grad_b, axis=1), self.stride, self.padding, self.activation)
-
-    def windows(self, a: Array) -> Array:
-        """The input windows u[n, i, k, t] = a_pad[n, i, s t + k], shape (N, C_in, K, L_out) (k static slices)."""
-        kernel = self.w.shape[2]
-        padded = jnp.pad(a, ((0, 0), (0, 0), (self.padding, self.padding)))
-        positions = output_length(a.shape[2], kernel, self.stride, self.padding)
-        span = self.stride * (positions - 1) + 1
-        return jnp.stack([padded[:, :, k : k + span : self.stride] for k in range(kernel)], axis=2)
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         w, b = self.w, self.b

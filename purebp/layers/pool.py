@@ -20,26 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from purebp.layers.conv import output_length
+from purebp.layers.windows import output_length, overlap_add, windows
 
 Array = jax.Array
-
-
-def window_stack(a: Array, kernel: int, stride: int) -> Array:
-    """u[n, c, t, j] = a[n, c, s t + j], shape (N, C, L_out, k): k strided slices, no gather."""
-    positions = output_length(a.shape[-1], kernel, stride)
-    span = stride * (positions - 1) + 1
-    return jnp.stack([a[..., j : j + span : stride] for j in range(kernel)], axis=-1)
-
-
-def scatter_windows(window_grads: Array, length: int, stride: int) -> Array:
-    """The adjoint of ``window_stack``: g[n, c, s t + j] += window_grads[n, c, t, j], shape (N, C, L)."""
-    positions, kernel = window_grads.shape[-2:]
-    span = stride * (positions - 1) + 1
-    grad_in = jnp.zeros(window_grads.shape[:-2] + (length,), window_grads.dtype)
-    for j in range(kernel):
-        grad_in = grad_in.at[..., j : j + span : stride].add(window_grads[..., j])
-    return grad_in
 
 
 def _check_pool(name: str, kernel: object, stride: object) -> None:
@@ -69,16 +52,16 @@ class MaxPool1d:
     stride: int = dataclasses.field(metadata={"static": True})
 
     def forward(self, a: Array, key: Array | None = None) -> tuple[Array, Array]:
-        windows = window_stack(a, self.kernel, self.stride)
-        argmax = jnp.argmax(windows, axis=-1)[..., None]  # the first maximum of each window
-        out = jnp.take_along_axis(windows, argmax, axis=-1)[..., 0]  # out = max_j a[s t + j]
+        u = windows(a, self.kernel, self.stride)  # u[n, c, j, t] = a[n, c, s t + j]
+        argmax = jnp.argmax(u, axis=2)[:, :, None, :]  # the first maximum of each window
+        out = jnp.take_along_axis(u, argmax, axis=2)[:, :, 0, :]  # out = max_j a[s t + j]
         return out, (argmax, a.shape[-1])
 
     def backward(self, cache: tuple, grad_out: Array) -> tuple[Array, MaxPool1d]:
         argmax, length = cache
-        positions = jnp.reshape(jnp.arange(self.kernel), (1,) * (argmax.ndim - 1) + (self.kernel,))
-        routed = jnp.where(positions == argmax, grad_out[..., None], jnp.zeros((), grad_out.dtype))  # to the arg-max
-        return scatter_windows(routed, length, self.stride), self
+        offsets = jnp.reshape(jnp.arange(self.kernel), (1, 1, self.kernel, 1))
+        routed = jnp.where(offsets == argmax, grad_out[:, :, None, :], jnp.zeros((), grad_out.dtype))  # to the arg-max
+        return overlap_add(routed, length, self.stride), self
 
     def per_example_grads(self, cache: tuple, grad_out: Array) -> MaxPool1d:
         return self
@@ -98,13 +81,13 @@ class AvgPool1d:
     stride: int = dataclasses.field(metadata={"static": True})
 
     def forward(self, a: Array, key: Array | None = None) -> tuple[Array, int]:
-        windows = window_stack(a, self.kernel, self.stride)
-        return jnp.sum(windows, axis=-1) / np.asarray(self.kernel, a.dtype), a.shape[-1]  # (1/k) sum_j a[s t + j]
+        u = windows(a, self.kernel, self.stride)
+        return jnp.sum(u, axis=2) / np.asarray(self.kernel, a.dtype), a.shape[-1]  # (1/k) sum_j a[s t + j]
 
     def backward(self, length: int, grad_out: Array) -> tuple[Array, AvgPool1d]:
         share = grad_out / np.asarray(self.kernel, grad_out.dtype)  # each position of a window gets dC/d(out) / k
-        spread = jnp.broadcast_to(share[..., None], share.shape + (self.kernel,))
-        return scatter_windows(spread, length, self.stride), self
+        spread = jnp.broadcast_to(share[:, :, None, :], share.shape[:2] + (self.kernel,) + share.shape[2:])
+        return overlap_add(spread, length, self.stride), self
 
     def per_example_grads(self, cache: int, grad_out: Array) -> AvgPool1d:
         return self
