@@ -447,7 +447,13 @@ def _validate_structure(structure, param_signature, x_signature, y_signature, lo
         expected = "(N, " + ", ".join(map(str, input_shape)) + ")"
         raise ValueError(
             f"x must have shape {expected} (batch first), got shape {x_shape}"
-            + ("; for one example use x[None, :]" if len(x_shape) == len(input_shape) else "")
+            + (
+                "; add the channel axis: x[:, None, :]"
+                if len(input_shape) == 2 and input_shape[0] == 1 and tuple(x_shape[1:]) == tuple(input_shape[1:])
+                else "; for one example use x[None, :]"
+                if len(x_shape) == len(input_shape)
+                else ""
+            )
         )
     if tuple(x_shape[1:]) != tuple(input_shape):
         if len(input_shape) == 1:
