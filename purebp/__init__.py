@@ -1,6 +1,7 @@
 """purebp: backpropagation written by hand from the delta equations, proven equal to jax.grad."""
 
-from purebp.backprop import BackpropTrace, backprop_trace, forward, grad, value_and_grad
+from purebp import rules
+from purebp.backprop import BackpropTrace, alignment_angles, backprop_trace, forward, grad, value_and_grad
 from purebp.check import GradientReport, LayerReport, autodiff_value_and_grad, check_gradients, check_layer
 from purebp.checkpoint import Checkpoint, CheckpointError, describe_network, load_checkpoint, save_checkpoint
 from purebp.distributed import ProcessFailureError, data_parallel_value_and_grad, make_data_mesh
@@ -58,6 +59,7 @@ __all__ = [
     "ProcessFailureError",
     "Residual",
     "Sequential",
+    "alignment_angles",
     "autodiff_value_and_grad",
     "avg_pool1d",
     "backprop_trace",
@@ -91,6 +93,7 @@ __all__ = [
     "register_activation",
     "register_loss",
     "residual",
+    "rules",
     "save_checkpoint",
     "value_and_grad",
 ]

@@ -28,6 +28,7 @@ import numpy as np
 from purebp import activations as _activations
 from purebp import losses as _losses
 from purebp import programs as _programs
+from purebp import rules as _rules
 from purebp.layers import Dense, example_keys, layer_keys
 from purebp.network import (
     AnyNetwork,
@@ -176,10 +177,17 @@ def loss_and_grads(
     reduction: str = "mean",
     key: Array | None = None,
     example_offset: int | Array = 0,
+    rule: _rules.Rule | None = None,
 ) -> tuple[Array, AnyNetwork]:
-    """(L, dL/dtheta) by the engine, unjitted and unchecked: for use inside a caller's own jit/scan/shard_map."""
+    """(L, dL/dtheta) by the engine, unjitted and unchecked: for use inside a caller's own jit/scan/shard_map.
+
+    With a ``rule`` other than backprop (``purebp.rules``) the second output
+    is that rule's update, not dL/dtheta.
+    """
     output, caches = forward_pass(net, x, key, example_offset=example_offset)
     value, delta = loss_and_output_delta(net, output, caches, y, loss=loss, reduction=reduction)
+    if not _rules.is_backprop(rule):
+        return value, _rules.backward_pass(rule, net, caches, delta)
     grads, _ = backward_pass(net, caches, delta)
     return value, grads
 
@@ -208,18 +216,35 @@ def trace(
 
 
 @functools.partial(jax.jit, static_argnames=("loss", "reduction"))
-def _value_and_grad_jit(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None):
-    return loss_and_grads(net, x, y, loss=loss, reduction=reduction, key=key)
+def _value_and_grad_jit(
+    net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None, rule=None
+):  # the rule is a traced argument: a new rule of the same shapes reuses the program
+    return loss_and_grads(net, x, y, loss=loss, reduction=reduction, key=key, rule=rule)
 
 
 def compiled_value_and_grad(
-    net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None
+    net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None, rule=None
 ) -> tuple[Array, AnyNetwork]:
-    """The jitted (L, grads) program, unchecked: what training steps and gradient checks call."""
-    return _value_and_grad_jit(net, x, y, loss, reduction, key)
+    """The jitted (L, grads) program, unchecked: what training steps and gradient checks call.
+
+    ``rule`` (None: backprop, the program it always was) is checked by the caller (``rules.check_rule``).
+    """
+    if rule is None:
+        return _value_and_grad_jit(net, x, y, loss, reduction, key)
+    return _value_and_grad_jit(net, x, y, loss, reduction, key, rule)
 
 
 _backprop_trace_jit = jax.jit(_trace, static_argnames=("loss", "reduction"))
+
+
+@functools.partial(jax.jit, static_argnames=("loss", "reduction"))
+def _alignment_jit(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None, rule):
+    # one forward pass; the true gradient and the rule's update both start from its caches and delta^L
+    output, caches = forward_pass(net, x, key)
+    _, delta = loss_and_output_delta(net, output, caches, y, loss=loss, reduction=reduction)
+    true_grads, _ = backward_pass(net, caches, delta)
+    update = true_grads if rule is None else _rules.backward_pass(rule, net, caches, delta)
+    return _rules.alignment(net, true_grads, update, rule)
 
 
 @jax.jit
@@ -246,9 +271,22 @@ def forward(net: AnyNetwork, x: Array, *, key: Array | None = None) -> Array:
 
 
 def value_and_grad(
-    net: AnyNetwork, x: Array, y: Array, *, loss: str, reduction: str = "mean", key: Array | None = None
+    net: AnyNetwork,
+    x: Array,
+    y: Array,
+    *,
+    loss: str,
+    reduction: str = "mean",
+    key: Array | None = None,
+    rule: _rules.Rule | None = None,
 ) -> tuple[Array, AnyNetwork]:
     """Return (L, dL/dtheta) computed by the hand-written backward pass.
+
+    ``rule`` (``purebp.rules``; None or ``rules.backprop()``: the gradient):
+    with feedback alignment, direct feedback alignment or sign symmetry the
+    second output is that rule's update (same tree as ``net``), which is NOT
+    the gradient of L; its output layer's part still is. The rule is a traced
+    argument: a new rule of the same shapes does not recompile.
 
     ``grads`` has the same tree structure as ``net``, so it lines up leaf for
     leaf with ``net``, optax updates and ``jax.grad``. x is (N,) + the input
@@ -257,14 +295,43 @@ def value_and_grad(
     (none: inference, dropout off). One compile per architecture, shape,
     dtype, loss and reduction.
     """
-    return _checked_call(_value_and_grad_jit, net, x, y, loss, reduction, key)
+    return _checked_call(_value_and_grad_jit, net, x, y, loss, reduction, key, rule=rule)
 
 
 def grad(
-    net: AnyNetwork, x: Array, y: Array, *, loss: str, reduction: str = "mean", key: Array | None = None
+    net: AnyNetwork,
+    x: Array,
+    y: Array,
+    *,
+    loss: str,
+    reduction: str = "mean",
+    key: Array | None = None,
+    rule: _rules.Rule | None = None,
 ) -> AnyNetwork:
-    """Return dL/dtheta only (see ``value_and_grad``)."""
-    return value_and_grad(net, x, y, loss=loss, reduction=reduction, key=key)[1]
+    """Return dL/dtheta only (see ``value_and_grad``; with a ``rule``, the rule's update)."""
+    return value_and_grad(net, x, y, loss=loss, reduction=reduction, key=key, rule=rule)[1]
+
+
+def alignment_angles(
+    net: AnyNetwork,
+    x: Array,
+    y: Array,
+    *,
+    loss: str,
+    reduction: str = "mean",
+    rule: _rules.Rule | None,
+    key: Array | None = None,
+) -> _rules.Alignment:
+    """Return ``rules.Alignment(update, feedback)``: angles in degrees per layer of the stack, on the batch (x, y).
+
+    ``update[l]`` is the angle between the rule's update of W^l and the true
+    gradient dL/dW^l (flattened); ``feedback[l]`` the angle between W^l and the
+    matrix standing in for it in (BP2) (feedback alignment: between (W^l)^T
+    and B^{l-1}); NaN where undefined (see ``rules.Alignment``). One jitted
+    program, one forward pass and two backward passes; the rule is a traced
+    argument, so calling it every epoch costs no compile after the first.
+    """
+    return _checked_call(_alignment_jit, net, x, y, loss, reduction, key, rule=rule, always_rule=True)
 
 
 def backprop_trace(
@@ -396,8 +463,24 @@ def check_key(key: object) -> None:
 _CALLED: set[tuple] = set()
 
 
-def _checked_call(jitted, net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None):
+def _checked_call(
+    jitted,
+    net: AnyNetwork,
+    x: Array,
+    y: Array,
+    loss: str,
+    reduction: str,
+    key: Array | None = None,
+    *,
+    rule: object = None,
+    always_rule: bool = False,
+):
     """Return ``jitted(net, x, y, loss, reduction, key)`` with every check of ``validate_inputs`` done.
+
+    A ``rule`` other than backprop is checked against the network
+    (``rules.check_rule``) and passed as a seventh, traced argument;
+    backprop passes none unless ``always_rule`` (then None), so its programs
+    are the ones it always had.
 
     The static checks come first, always. On the first call for a signature
     the label values are checked too before anything is dispatched, so bad
@@ -410,15 +493,17 @@ def _checked_call(jitted, net: AnyNetwork, x: Array, y: Array, loss: str, reduct
     x, y = coerce_inputs(net, x, y)
     signature, n_out = _check_static(net, x, y, loss, reduction)
     check_key(key)
+    rule = _rules.check_rule(rule, net)
+    extra = (rule,) if rule is not None or always_rule else ()
     called = (jitted, signature, key is None)
     if called not in _CALLED:
         _check_values(n_out, y, loss)
-        result = jitted(net, x, y, loss, reduction, key)
+        result = jitted(net, x, y, loss, reduction, key, *extra)
         if len(_CALLED) > 4096:  # bounded: a long sweep over shapes does not grow it forever
             _CALLED.clear()
         _CALLED.add(called)
         return result
-    result = jitted(net, x, y, loss, reduction, key)
+    result = jitted(net, x, y, loss, reduction, key, *extra)
     _check_values(n_out, y, loss)
     return result
 

@@ -39,6 +39,7 @@ from purebp import check as _check
 from purebp import losses as _losses
 from purebp import precision as _precision
 from purebp import programs
+from purebp import rules as _rules
 from purebp.layers import Dropout
 from purebp.network import AnyNetwork, Network, Sequential, validate_network, validate_sequential
 
@@ -46,6 +47,7 @@ Array = jax.Array
 Batch = tuple[Array, Array]
 GRADIENTS = ("handwritten", "autodiff")
 VERIFY_BATCH = 16  # examples used by the pre-training gradient check
+ALIGNMENT_BATCH = 512  # training examples (the first ones) that fit(log_alignment=True) measures angles on
 # fold_in constants that separate fit's key streams: epoch e shuffles with fold_in(key, e) (as before
 # dropout existed); its step i draws dropout masks from fold_in(fold_in(fold_in(key, e), DROPOUT_STREAM), i)
 DROPOUT_STREAM = 0x0D50
@@ -102,10 +104,20 @@ def make_train_step(
     gradient: str = "handwritten",
     mesh: jax.sharding.Mesh | None = None,
     compute_dtype: str | None = None,
+    rule: _rules.Rule | None = None,
 ) -> Callable[..., tuple[AnyNetwork, Any, dict[str, Array]]]:
-    """Return the pure step ``(net, opt_state, (x, y), key=None) -> (new_net, new_opt_state, {"loss": L})``.
+    """Return the pure step ``(net, opt_state, (x, y), key=None, rule=rule) -> (new_net, new_opt_state, {"loss": L})``.
 
     ``key`` draws the step's dropout masks (None: dropout off).
+
+    ``rule`` (``purebp.rules``; None: backprop) replaces the gradient by the
+    rule's update (feedback alignment, direct feedback alignment, sign
+    symmetry), which optax then descends along. Inside your own ``jit`` pass
+    the rule to the step as an argument (``step(net, s, batch, key, rule=r)``
+    with ``r`` an argument of the jitted function): it is then traced, and a
+    new rule of the same shapes reuses the program; the one given here is only
+    the default. A rule needs the hand-written single-device pass in the
+    network's dtype: not ``gradient="autodiff"``, a ``mesh`` or ``compute_dtype``.
 
     L is the loss at ``net`` (before the update); the update is
     ``optax.apply_updates(net, optimizer.update(grads, opt_state, net))``, so
@@ -129,10 +141,17 @@ def make_train_step(
         value_and_grad = _data_parallel_gradient(mesh)
     if compute_dtype is not None:
         value_and_grad = _mixed_gradient(compute_dtype, gradient, mesh)
+    default_rule = _rules.normalize(rule)
+    _check_rule_options(default_rule, gradient, mesh, compute_dtype)
 
-    def train_step(net: AnyNetwork, opt_state: Any, batch: Batch, key: Array | None = None):
+    def train_step(net: AnyNetwork, opt_state: Any, batch: Batch, key: Array | None = None, rule=default_rule):
         x, y = batch
-        value, grads = value_and_grad(net, x, y, loss, reduction, key)
+        rule = _rules.check_rule(rule, net)  # shapes only: works on tracers
+        if rule is None:
+            value, grads = value_and_grad(net, x, y, loss, reduction, key)
+        else:
+            _check_rule_options(rule, gradient, mesh, compute_dtype)
+            value, grads = _backprop.compiled_value_and_grad(net, x, y, loss, reduction, key, rule)
         # optax mixes Python scalars with int32 counters (Adam's bias correction):
         # give it the standard promotion rules even when the caller runs strict ones
         with jax.numpy_dtype_promotion("standard"):
@@ -141,6 +160,24 @@ def make_train_step(
         return net, opt_state, {"loss": value}
 
     return train_step
+
+
+def _check_rule_options(rule: object, gradient: str, mesh: object, compute_dtype: str | None) -> None:
+    if rule is None:
+        return
+    if gradient != "handwritten":
+        raise ValueError(
+            f"a learning rule ({rule.kind}) replaces the hand-written backward pass's feedback path: it needs "
+            f"gradient='handwritten', got {gradient!r}"
+        )
+    if mesh is not None:
+        raise ValueError(
+            f"a learning rule ({rule.kind}) cannot be combined with a mesh yet: the sharded pass is backprop"
+        )
+    if compute_dtype is not None:
+        raise ValueError(
+            f"a learning rule ({rule.kind}) cannot be combined with compute_dtype yet: the mixed pass is backprop"
+        )
 
 
 def _mixed_gradient(compute_dtype: str, gradient: str, mesh: jax.sharding.Mesh | None) -> Callable:
@@ -203,8 +240,12 @@ def run_epoch(
     start: int | Array = 0,
     compute_dtype: str | None = None,
     dropout_key: Array | None = None,
+    rule: _rules.Rule | None = None,
 ) -> tuple[EpochState, Array]:
     """Run ``num_batches`` steps from ``state`` as one ``lax.scan``; return (final ``EpochState``, per-step losses).
+
+    ``rule`` (``purebp.rules``, None: backprop) is a traced argument of the
+    compiled epoch: a new rule of the same shapes reuses it.
 
     Batch i is examples ``order[(start + i) * batch_size:(start + i + 1) * batch_size]``
     with ``order = jax.random.permutation(key, N)`` (or 0..N-1 when not
@@ -222,6 +263,8 @@ def run_epoch(
     not on the optimizer object: a new optax object that computes the same thing
     (``optax.inject_hyperparams`` keeps the numbers in the state) reuses it.
     """
+    rule = _rules.normalize(rule)
+    extra = () if rule is None else (rule,)  # backprop: the call, and the program, it always was
     return _run_epoch_jit(
         state,
         key,
@@ -229,6 +272,7 @@ def run_epoch(
         y,
         jnp.asarray(start, dtype=jnp.int32),
         dropout_key,
+        *extra,
         update=programs.Static(optimizer.update),
         loss=loss,
         reduction=reduction,
@@ -256,12 +300,13 @@ def _with_update(update: programs.Static) -> optax.GradientTransformation:
     ),
 )  # fmt: skip
 def _run_epoch_jit(
-    state, key, x, y, start, dropout_key, *, update, loss, reduction, gradient, batch_size, num_batches, shuffle,
-    mesh, compute_dtype,
+    state, key, x, y, start, dropout_key, rule=None, *, update, loss, reduction, gradient, batch_size, num_batches,
+    shuffle, mesh, compute_dtype,
 ):  # fmt: skip
     step = make_train_step(
-        _with_update(update), loss=loss, reduction=reduction, gradient=gradient, mesh=mesh, compute_dtype=compute_dtype
-    )
+        _with_update(update), loss=loss, reduction=reduction, gradient=gradient, mesh=mesh, compute_dtype=compute_dtype,
+        rule=rule,
+    )  # fmt: skip
     n = x.shape[0]
     order = jax.random.permutation(key, n) if shuffle else jnp.arange(n)
     used = jax.lax.dynamic_slice_in_dim(order, start * batch_size, num_batches * batch_size)
@@ -532,6 +577,8 @@ class _Run:
     log: Callable[[str], None]
     compute_dtype: str | None
     random_layers: bool = False  # a Sequential trained with a key: its layers get per-step keys (dropout)
+    rule: _rules.Rule | None = None  # None: backprop
+    log_alignment: bool = False
 
 
 def fit(
@@ -558,6 +605,8 @@ def fit(
     settings: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
     compute_dtype: str | None = None,
+    rule: _rules.Rule | None = None,
+    log_alignment: bool = False,
 ) -> tuple[Network, dict[str, list]]:
     """Train ``net`` on ``train = (x, y)``; return (trained net, history). ``net`` is not modified.
 
@@ -596,6 +645,20 @@ def fit(
       gradient check's worst error, nothing to do); default: the
       ``"purebp.training"`` logger at INFO level.
     - ``callback(epoch, row)`` is called after every epoch with that epoch's history row.
+    - ``rule`` (``purebp.rules``; None: backprop): train on the rule's update
+      instead of the gradient (feedback alignment, direct feedback alignment,
+      sign symmetry). It is a traced argument of the compiled epoch (a new rule
+      of the same shapes does not recompile). Checkpoints record its kind and a
+      digest of its fixed matrices, so resuming with another rule (or the same
+      kind from another key) is refused; pass the same rule to resume. With a
+      rule, ``verify`` still checks backprop on this architecture (the forward
+      pass, the cost's delta and the dense layers' rules the rule reuses); the
+      rule's update is not a gradient, so nothing checks it against jax.grad.
+      Not combined with ``mesh``, ``compute_dtype`` or ``gradient="autodiff"``.
+    - ``log_alignment``: after every epoch, ``alignment_angles`` on the first
+      ``ALIGNMENT_BATCH`` training examples (dropout off); the row gets
+      ``update_angles`` and ``feedback_angles``, lists of degrees per layer of
+      the stack (NaN where undefined; see ``purebp.rules.Alignment``).
     - ``mesh``: data-parallel training over the mesh's "data" axis
       (``purebp.distributed.make_data_mesh()``); ``batch_size`` must divide by
       its size. Each epoch's batches are split over the devices (each process
@@ -621,7 +684,7 @@ def fit(
     """
     run = _validate_fit(
         net, train, loss, optimizer, learning_rate, epochs, steps, batch_size, key, eval, reduction, gradient,
-        checkpoint, checkpoint_every, resume, callback, mesh, stop, log, compute_dtype,
+        checkpoint, checkpoint_every, resume, callback, mesh, stop, log, compute_dtype, rule, log_alignment,
     )  # fmt: skip
     with jax.numpy_dtype_promotion("standard"):
         opt_state = run.optimizer.init(net)
@@ -631,6 +694,8 @@ def fit(
         history["eval_loss"] = []
         if loss in _losses.CLASSIFICATION_LOSSES:
             history["eval_accuracy"] = []
+    if log_alignment:
+        history["update_angles"], history["feedback_angles"] = [], []
     start = 0
     if resume:
         restored = _restore(run, config, opt_state, net)
@@ -650,7 +715,7 @@ def fit(
 
 def _validate_fit(
     net, train, loss, optimizer, learning_rate, epochs, steps, batch_size, key, eval, reduction, gradient,
-    checkpoint, checkpoint_every, resume, callback, mesh, stop, log, compute_dtype,
+    checkpoint, checkpoint_every, resume, callback, mesh, stop, log, compute_dtype, rule=None, log_alignment=False,
 ) -> _Run:  # fmt: skip
     """Check every argument of ``fit`` (and the data's values) before anything compiles; return a ``_Run``."""
     if isinstance(net, Sequential):
@@ -697,6 +762,10 @@ def _validate_fit(
         # raises on a combination the mixed step does not support (a mesh, autodiff)
         make_train_step(optimizer, loss=loss, reduction=reduction, gradient=gradient, mesh=mesh,
                         compute_dtype=compute_dtype)  # fmt: skip
+    rule = _rules.check_rule(rule, net)
+    _check_rule_options(rule, gradient, mesh, compute_dtype)
+    if not isinstance(log_alignment, bool):
+        raise TypeError(f"log_alignment must be True or False, got {log_alignment!r}")
     checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
     if resume and checkpoint is None:
         raise ValueError("resume=True needs a checkpoint path")
@@ -723,6 +792,8 @@ def _validate_fit(
         stop=stop,
         log=log if log is not None else logging.getLogger("purebp.training").info,
         compute_dtype=compute_dtype,
+        rule=rule,
+        log_alignment=log_alignment,
     )
 
 
@@ -753,6 +824,7 @@ def _run_config(net: AnyNetwork, run: _Run, opt_state: Any, settings: dict | Non
         "total_steps": run.schedule.total_steps,
         "gradient": run.gradient,
         "compute_dtype": run.compute_dtype,
+        "rule": _rules.describe(run.rule),
         "optimizer": programs.describe(run.optimizer.update, "update") | _initial_state_scalars(opt_state),
         "settings": dict(settings or {}),
     }
@@ -844,6 +916,12 @@ def _verify(run: _Run, net: AnyNetwork) -> None:
     run.log(
         f"gradient check passed: hand-written vs JAX autodiff on {count} training examples, max relative error "
         f"{report.max_relative_error:.1e} (tolerance {report.tolerance:.0e})"
+        + (
+            ""
+            if run.rule is None
+            else f"; this checks backprop on this architecture: the {run.rule.kind} rule's update is not a "
+            "gradient and is not checked"
+        )
     )
 
 
@@ -869,7 +947,7 @@ def _train(run: _Run, net: Network, opt_state: Any, start: int, history: dict, c
             state, step_losses = run_epoch(
                 state, epoch_key, run.x, run.y, gradient=run.gradient, batch_size=schedule.batch_size,
                 num_batches=count, shuffle=schedule.shuffle, start=offset, compute_dtype=run.compute_dtype,
-                dropout_key=dropout_key, **options,
+                dropout_key=dropout_key, rule=run.rule, **options,
             )  # fmt: skip
             bad_step, mean_loss = int(state.bad_step), float(jnp.mean(step_losses))
             local_state = state
@@ -905,6 +983,18 @@ def _train(run: _Run, net: Network, opt_state: Any, start: int, history: dict, c
             if "eval_accuracy" in history:
                 row["eval_accuracy"] = float(accuracy)
         row["time"] = time_offset + time.perf_counter() - started
+        if run.log_alignment:  # after the clock: the angles are a measurement, not training
+            measuring = time.perf_counter()
+            count_alignment = min(ALIGNMENT_BATCH, int(run.x.shape[0]))
+            angles = _backprop.alignment_angles(
+                net, run.x[:count_alignment], run.y[:count_alignment], loss=run.loss, reduction=run.reduction,
+                rule=run.rule,
+            )  # fmt: skip
+            row["update_angles"] = [float(a) for a in np.asarray(angles.update)]
+            row["feedback_angles"] = [float(a) for a in np.asarray(angles.feedback)]
+            for name in ("update_angles", "feedback_angles"):
+                history.setdefault(name, [None] * (len(history["epoch"])))  # resumed from a run without them
+            started += time.perf_counter() - measuring  # kept out of the next epochs' training time
         for name, value in row.items():
             history[name].append(value)
         last = index == len(chunks) - 1

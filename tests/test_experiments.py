@@ -236,3 +236,23 @@ def test_vanishing_gradients_residual_ratio_uses_dense_deltas_and_does_not_vanis
         assert abs(row["delta_norm"] - reference) <= 1e-10 * reference, (row["layer"], row["delta_norm"], reference)
     ratio = rows[0]["delta_norm"] / rows[-1]["delta_norm"]
     assert ratio > 0.05, f"residual sigmoid, 6 hidden layers: ||delta^1|| / ||delta^L|| = {ratio}"
+
+
+# ---------------------------------------------------------------- learning rules (issue 16)
+
+
+def test_learning_rules_quick_writes_well_formed_outputs(outputs):
+    """learning_rules --quick: CSV, Markdown, PNG; one row per rule, the output layer's update angle 0 under each."""
+    out = outputs("learning_rules")
+    written = sorted(p.name for p in out.iterdir())
+    assert written == [f"learning_rules_quick.{suffix}" for suffix in ("csv", "md", "png")], written
+    check_csv(out / "learning_rules_quick.csv")
+    check_markdown(out / "learning_rules_quick.md")
+    check_png(out / "learning_rules_quick.png")
+    with open(out / "learning_rules_quick.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["rule"] for row in rows] == [
+        "backprop", "feedback_alignment", "direct_feedback_alignment", "sign_symmetry"
+    ]  # fmt: skip
+    assert all(float(row["update_angle_layer2"]) == 0.0 for row in rows)
+    assert float(rows[0]["update_angle_layer0"]) == 0.0 and float(rows[1]["update_angle_layer0"]) > 0.0

@@ -51,3 +51,11 @@ def test_testing_your_own_backprop_example_passes_under_pytest(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert cli.returncode == 0, cli.stdout + cli.stderr
+
+
+def test_learning_rules_example_runs():
+    """The feedback-alignment example: a rule's update, fit with it, the angles (output layer 0, first layer NaN)."""
+    code = python_block_after("## Learning rules other than backprop")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "update vs gradient, per layer (degrees):" in result.stdout and "accuracy" in result.stdout
