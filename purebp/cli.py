@@ -174,6 +174,23 @@ def run_verify(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- purebp train
 
 TRAIN_DEFAULTS = {"hidden": 256, "optimizer": "sgd", "lr": 0.1, "batch_size": 32, "epochs": 30}
+# --model cnn: MNIST-1D's CNN as its authors train it (greydanus/mnist1d: Adam 1e-2, batch 100, 6000 steps)
+CNN_DEFAULTS = {"optimizer": "adam", "lr": 0.01, "batch_size": 100, "steps": 6000}
+CNN_CHANNELS = 25
+
+
+def cnn_layers(n_outputs: int, activation: str = "relu") -> list:
+    """MNIST-1D's ConvBase (notebooks/models.py): three conv1d of 25 channels (k5 s2 p1, k3 s2 p1, k3 s2 p1), flatten,
+    dense to the outputs."""
+    from purebp.layers import conv1d, dense, flatten
+
+    return [
+        conv1d(CNN_CHANNELS, 5, stride=2, padding=1, activation=activation),
+        conv1d(CNN_CHANNELS, 3, stride=2, padding=1, activation=activation),
+        conv1d(CNN_CHANNELS, 3, stride=2, padding=1, activation=activation),
+        flatten(),
+        dense(n_outputs),
+    ]
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -187,6 +204,14 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--dataset", choices=("digits", "mnist1d", "mnist5k", "synthetic", "synthetic-regression"))
     parser.add_argument(
+        "--model",
+        choices=("mlp", "cnn"),
+        default="mlp",
+        help="mlp (default): init_mlp with --sizes; cnn: MNIST-1D's CNN (conv1d 25 k5 s2 p1, 25 k3 s2 p1, 25 k3 s2 p1, "
+        "--activation after each, flatten, dense), inputs as one channel; its defaults are the authors' training: "
+        f"adam lr {CNN_DEFAULTS['lr']}, batch {CNN_DEFAULTS['batch_size']}, {CNN_DEFAULTS['steps']} steps",
+    )
+    parser.add_argument(
         "--sizes",
         help=f"layer widths, e.g. 64,128,10 (default: n_in,{TRAIN_DEFAULTS['hidden']},n_out of the dataset)",
     )
@@ -198,11 +223,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--optimizer",
         choices=("gd", "sgd", "momentum", "adam"),
-        default=TRAIN_DEFAULTS["optimizer"],
-        help="gd: full-batch gradient descent; sgd: minibatch; momentum: sgd with momentum 0.9; adam (default sgd)",
+        help="gd: full-batch gradient descent; sgd: minibatch; momentum: sgd with momentum 0.9; adam (default sgd; "
+        "adam for --model cnn)",
     )
     parser.add_argument(
-        "--lr", type=float, default=TRAIN_DEFAULTS["lr"], help=f"learning rate (default {TRAIN_DEFAULTS['lr']})"
+        "--lr",
+        type=float,
+        help=f"learning rate (default {TRAIN_DEFAULTS['lr']}; {CNN_DEFAULTS['lr']} for --model cnn)",
     )
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help=f"epochs (default {TRAIN_DEFAULTS['epochs']})")
@@ -254,6 +281,12 @@ def _parse_sizes(text: str) -> tuple[int, ...]:
         raise ValueError(f"--sizes must be comma-separated integers such as 64,128,10, got {text!r}") from None
 
 
+def _with_channel_axis(dataset):
+    import dataclasses
+
+    return dataclasses.replace(dataset, x_train=dataset.x_train[:, None, :], x_test=dataset.x_test[:, None, :])
+
+
 def _train_setup(args: argparse.Namespace):
     """Check the arguments and load the data; return (dataset, sizes, activations, loss, optimizer, batch, length)."""
     import jax
@@ -263,6 +296,11 @@ def _train_setup(args: argparse.Namespace):
 
     if args.resume and not args.checkpoint:
         raise ValueError("--resume needs --checkpoint PATH")
+    defaults = CNN_DEFAULTS if args.model == "cnn" else TRAIN_DEFAULTS
+    if args.model == "cnn" and args.sizes:
+        raise ValueError("--sizes sets an MLP's widths; --model cnn has fixed layers (drop --sizes)")
+    args.optimizer = args.optimizer or defaults["optimizer"]
+    args.lr = args.lr if args.lr is not None else defaults["lr"]
     if args.optimizer == "gd" and args.batch_size is not None:
         raise ValueError("--optimizer gd is full-batch gradient descent: drop --batch-size (or use sgd)")
     optimizer = make_optimizer(args.optimizer, args.lr)
@@ -287,13 +325,16 @@ def _train_setup(args: argparse.Namespace):
     batch_size = (
         n_train
         if args.optimizer == "gd"
-        else (args.batch_size if args.batch_size is not None else TRAIN_DEFAULTS["batch_size"])
+        else (args.batch_size if args.batch_size is not None else defaults["batch_size"])
     )
-    length = (
-        {"steps": args.steps}
-        if args.steps is not None
-        else {"epochs": args.epochs if args.epochs is not None else TRAIN_DEFAULTS["epochs"]}
-    )
+    if args.steps is not None:
+        length = {"steps": args.steps}
+    elif args.epochs is None and "steps" in defaults:
+        length = {"steps": defaults["steps"]}
+    else:
+        length = {"epochs": args.epochs if args.epochs is not None else TRAIN_DEFAULTS["epochs"]}
+    if args.model == "cnn":  # one input channel: (N, n_features) -> (N, 1, n_features)
+        dataset = _with_channel_axis(dataset)
     schedule = make_schedule(n_train, batch_size, length.get("epochs"), length.get("steps"), jax.random.key(args.seed))
     return dataset, sizes, activations, loss, optimizer, schedule, length
 
@@ -409,21 +450,29 @@ def run_train(args: argparse.Namespace) -> int:
 
     import jax
 
-    from purebp.network import init_mlp
+    from purebp.network import init_mlp, init_network
     from purebp.training import DivergenceError, GradientMismatchError, evaluate, fit, format_epochs
 
     try:
         dataset, sizes, activations, loss, optimizer, schedule, length = _train_setup(args)
         init_key, shuffle_key = jax.random.split(jax.random.key(args.seed))
-        net = init_mlp(init_key, sizes, activations, dtype=args.dtype)
+        if args.model == "cnn":
+            net = init_network(init_key, (1, sizes[0]), cnn_layers(sizes[-1], args.activation), dtype=args.dtype)
+            if activations[-1] != "identity":
+                raise ValueError(f"--model cnn ends in a dense identity output (logits); --loss {loss} needs another")
+        else:
+            net = init_mlp(init_key, sizes, activations, dtype=args.dtype)
         bar, on_epoch = _progress_bar(0, "eval_accuracy")  # fails early if tqdm is missing
         bar.close()
     except (ImportError, TypeError, ValueError) as error:
         print(f"purebp train: error: {error}", file=sys.stderr)
         return 2
     batch_size = schedule.batch_size
+    architecture = (
+        f"cnn {net.layers!r}" if args.model == "cnn" else f"sizes {','.join(map(str, sizes))} {','.join(activations)}"
+    )
     description = (
-        f"{args.dataset}: sizes {','.join(map(str, sizes))} {','.join(activations)}, {loss}, "
+        f"{args.dataset}: {architecture}, {loss}, "
         f"{args.optimizer} lr {args.lr}, batch {batch_size}, {args.gradient} gradient"
     )
     print(f"purebp train: {description}; {schedule.describe()}", flush=True)
@@ -436,6 +485,7 @@ def run_train(args: argparse.Namespace) -> int:
     # what shapes the trajectory, compared when a run resumes
     settings = {
         "--dataset": args.dataset,
+        "--model": args.model,
         "--standardize": not args.no_standardize,
         "--sizes": ",".join(map(str, sizes)),
         "--activation": args.activation,
@@ -512,7 +562,7 @@ def run_train(args: argparse.Namespace) -> int:
         if jax.process_index() != 0:  # one writer for the shared outputs
             return 0
     config = {name: value for name, value in vars(args).items() if name not in ("handler", "command")} | {
-        "sizes": list(sizes),
+        "sizes": list(sizes) if args.model == "mlp" else None,
         "activations": list(activations),
         "loss": loss,
         "batch_size": batch_size,
@@ -524,7 +574,7 @@ def run_train(args: argparse.Namespace) -> int:
         with open(args.json, "w") as file:
             json.dump({"metrics": metrics, "config": config, "history": history}, file, indent=2)
     if args.plot:
-        _plot(args.plot, history, f"{args.dataset}: sizes {','.join(map(str, sizes))} {','.join(activations)}")
+        _plot(args.plot, history, f"{args.dataset}: {architecture}")
     return 0
 
 

@@ -29,6 +29,16 @@ def test_layers_example_runs():
     assert "PASS" in result.stdout and "'accuracy'" in result.stdout
 
 
+def test_conv_example_runs():
+    """MNIST-1D's CNN in init_network; run here with 40 of its 6000 steps (the accuracy is train_results.py's)."""
+    code = python_block_after("### 1-D convolution and pooling")
+    assert "steps=6000" in code
+    code = code.replace("steps=6000", "steps=40")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "'accuracy'" in result.stdout
+
+
 def test_custom_layer_example_runs():
     code = python_block_after("### Your own layer")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
