@@ -33,7 +33,8 @@ def add_verify_parser(subparsers: argparse._SubParsersAction) -> None:
         "one row per architecture as soon as it is checked. --layers mlp (default): MLPs of depth 1-8, widths "
         "1-64, any activation per hidden layer, every valid output/cost pair, batch 1-64, both reductions. "
         "--layers all: stacks over every layer kind (dense layers, residual blocks, layer norm, dropout, with "
-        "or without a dropout key) and every cost, printed compactly: " + NOTATION_HELP + " (e.g. "
+        "or without a dropout key; half of them behind a conv1d / pooling / residual-conv front and a flatten) and "
+        "every cost, printed compactly: " + NOTATION_HELP + " (e.g. "
         "in4>d5t>r(d5r,ln)>do.25>d3). Each architecture is a new program, compiled once and run once, so by "
         "default its two gradients are compiled together, on CPU at XLA's quick settings (LLVM -O0: the same "
         "ops, less optimised kernels). Exit code 1 on any mismatch.",
@@ -43,7 +44,8 @@ def add_verify_parser(subparsers: argparse._SubParsersAction) -> None:
         "--layers",
         choices=("mlp", "all"),
         default="mlp",
-        help="mlp: dense layers only (default); all: dense, residual, layer norm and dropout stacks",
+        help="mlp: dense layers only (default); all: dense, residual, layer norm, dropout, conv1d, pooling and "
+        "flatten stacks",
     )
     parser.add_argument(
         "--dtype", choices=("float32", "float64", "both"), default="float64", help="parameter dtype (default float64)"
@@ -100,7 +102,7 @@ def _verify_draw(args: argparse.Namespace, rng, dtype: str):
 
     bounds = {"max_depth": args.max_depth, "max_width": args.max_width, "max_batch": args.max_batch}
     if args.layers == "all":
-        spec = testing.random_stack_spec(rng, dtype=dtype, **bounds)
+        spec = testing.random_stack_spec(rng, dtype=dtype, conv=None, **bounds)
         cells = (spec.loss, spec.reduction, dtype, str(spec.batch), "yes" if spec.with_key else "no")
         return testing.make_stack_case(spec), (cells, spec.notation), f"purebp.testing.make_stack_case({spec!r})"
     spec = testing.random_spec(rng, dtype=dtype, **bounds)

@@ -167,7 +167,9 @@ def stack_specs_drawn(trials: int = 8) -> list:
     """The stacks `purebp verify --layers all` draws with STACK_ARGS, float32 and float64 alternating."""
     rng = np.random.default_rng(0)
     return [
-        random_stack_spec(rng, dtype=("float32", "float64")[trial % 2], max_depth=4, max_width=6, max_batch=4)
+        random_stack_spec(
+            rng, dtype=("float32", "float64")[trial % 2], max_depth=4, max_width=6, max_batch=4, conv=None
+        )
         for trial in range(trials)
     ]
 
@@ -175,6 +177,7 @@ def stack_specs_drawn(trials: int = 8) -> list:
 def test_layers_all_checks_stacks_and_prints_each_architecture_last(capsys):
     specs = stack_specs_drawn()
     assert any("r(" in spec.notation for spec in specs) and any("ln" in spec.notation for spec in specs)
+    assert any(">c" in spec.notation for spec in specs) and any(">c" not in spec.notation for spec in specs)
     assert cli.main(["verify", "--layers", "all", *STACK_ARGS]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["#", "loss", "red", "dtype", "N", "key", "max", "rel", "verdict", "architecture"]
@@ -194,8 +197,9 @@ def flat_kinds(descriptions) -> list[str]:
 
 
 def dense_upstream_of_layer_norm(spec) -> bool:
-    kinds = flat_kinds(spec.layers)  # depth-first: a dense layer before the last layer norm feeds it
-    return "layer_norm" in kinds and "dense" in kinds[: len(kinds) - 1 - kinds[::-1].index("layer_norm")]
+    kinds = flat_kinds(spec.layers)  # depth-first: a dense or conv layer before the last layer norm feeds it
+    upstream = kinds[: len(kinds) - 1 - kinds[::-1].index("layer_norm")] if "layer_norm" in kinds else []
+    return "dense" in upstream or "conv1d" in upstream
 
 
 def test_layers_all_flags_a_layer_norm_backward_without_its_mean_term(capsys, monkeypatch):
@@ -206,9 +210,10 @@ def test_layers_all_flags_a_layer_norm_backward_without_its_mean_term(capsys, mo
     assert any(upstream) and not all(upstream)
 
     def without_mean_term(self, cache, grad_out):
-        xhat, grad_xhat = cache.normalized, grad_out * self.scale[None, :]
+        leading = tuple(range(grad_out.ndim - 1))
+        xhat, grad_xhat = cache.normalized, grad_out * jnp.reshape(self.scale, (1,) * len(leading) + self.scale.shape)
         grad_in = cache.inverse_std * (grad_xhat - xhat * jnp.mean(grad_xhat * xhat, axis=-1, keepdims=True))
-        return grad_in, pb.LayerNorm(jnp.sum(grad_out * xhat, axis=0), jnp.sum(grad_out, axis=0), self.eps)
+        return grad_in, pb.LayerNorm(jnp.sum(grad_out * xhat, axis=leading), jnp.sum(grad_out, axis=leading), self.eps)
 
     jax.clear_caches()
     monkeypatch.setattr(pb.LayerNorm, "backward", without_mean_term)
