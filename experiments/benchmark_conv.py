@@ -76,7 +76,7 @@ def idiomatic_loss(params, x, y):
         h = jax.lax.conv_general_dilated(h, w, (2,), [(1, 1)], dimension_numbers=LAYOUT) + b[None, :, None]
         h = jax.nn.relu(h)
     w, b = params[3]
-    logits = h.reshape(h.shape[0], -1) @ w.T + b
+    logits = h.reshape(h.shape[0], -1) @ w.T + b[None, :]
     return optax.losses.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 

@@ -402,3 +402,20 @@ def test_stack_spec_notation_and_replay_for_conv_stacks():
     assert eval(repr(spec), {"StackSpec": StackSpec}) == spec
     with pytest.raises(ValueError, match=r"expected \('conv1d', channels >= 1"):
         StackSpec(input_width=2, input_length=9, layers=(("conv1d", 3, 5, 0, 1, "relu"),), loss="mse")
+
+
+# ---------------------------------------------------------------- the experiments, in --quick mode
+
+
+def test_the_conv_equivalence_and_benchmark_experiments_run_quick(tmp_path):
+    from experiments import benchmark_conv, equivalence
+
+    assert equivalence.main(["--layers", "conv", "--quick", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "equivalence_conv_quick.md").read_text()
+    assert "**0 mismatches**" in text and "with conv1d" in text and "--layers conv --quick" in text
+    assert benchmark_conv.main(["--quick", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "benchmark_conv_quick.md").read_text()
+    for contender in ("purebp", "idiomatic JAX", "jax.grad of purebp's forward"):
+        assert f"| {contender} |" in table
+    result = __import__("json").loads((tmp_path / "benchmark_conv_quick.json").read_text())
+    assert all(row["gradient vs purebp"] < 1e-4 for row in result["rows"]), result["rows"]  # float32, same gradient
