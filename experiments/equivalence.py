@@ -648,10 +648,9 @@ def run_stack_trial(spec, rng: np.random.Generator, *, finite_differences_too: b
     h_leaves = [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(grads_h)]
     names = leaf_names(case.net)
     # a bias's kind is its weight's: conv1d when the leaf before it (its layer's w) has rank 3
-    ranks = {name: leaf.ndim for (_, name), leaf in zip(names, h_leaves)}
-    ranks = {
-        name: ranks.get(name[: -len(".b")] + ".w", 2) if name.endswith(".b") else rank for name, rank in ranks.items()
-    }
+    ranks = {(layer, name): leaf.ndim for (layer, name), leaf in zip(names, h_leaves)}
+    ranks = {(layer, name): ranks.get((layer, name[:-1] + "w"), 2) if name.endswith("b") else rank
+             for (layer, name), rank in ranks.items()}  # fmt: skip
     base = {
         "architecture": spec.notation,
         "loss": spec.loss,
@@ -664,7 +663,7 @@ def run_stack_trial(spec, rng: np.random.Generator, *, finite_differences_too: b
     }
 
     def row(oracle: str, layer: int, parameter: str, error: float, status: str = "compared", **fd) -> dict:
-        kind = "loss" if parameter == "loss" else _leaf_kind(parameter, ranks.get(parameter, 2))
+        kind = "loss" if parameter == "loss" else _leaf_kind(parameter, ranks.get((layer, parameter), 2))
         fd = {"fd_step": math.nan, "fd_error_estimate": math.nan, "autodiff_vs_numpy": math.nan, **fd}
         return {**base, "oracle": oracle, "layer": layer, "param": parameter, "kind": kind, "error": error,
                 "status": status, **fd}  # fmt: skip
