@@ -54,7 +54,7 @@ def test_matches_jax_grad_on_random_architectures(case):
     assert report.tolerance == TOLERANCE[np.dtype(case.spec.dtype)] and report.passed, f"{case}\n{report}"
 
 
-@settings(max_examples=15)
+@settings(max_examples=8)  # every saturating output at +-1e3 also in test_output_at_plus_minus_1e3_is_finite
 @given(
     cases(
         hidden_activations=("sigmoid", "softplus", "tanh"),
@@ -91,7 +91,7 @@ def test_output_at_plus_minus_1e3_is_finite(loss, output, dtype):
 # ---------------------------------------------------------------- vs reference oracles
 
 
-@settings(max_examples=30)
+@settings(max_examples=20)  # every loss/output pair: the 70 draws above and the finite-difference test below
 @given(cases(max_depth=5, max_width=24, max_batch=16))
 def test_matches_numpy_matrix_oracle(case):
     net = case.net
@@ -140,7 +140,7 @@ def _reported_loss(case):
     return loss
 
 
-@settings(max_examples=25)
+@settings(max_examples=15)
 @given(cases(dtypes=("float64",), hidden_activations=SMOOTH, max_depth=3, max_width=6, max_batch=8))
 def test_reported_loss_and_gradient_agree_with_finite_differences(case):
     """The gradient purebp returns is the gradient of the loss purebp reports (<= 1e-6, float64)."""
@@ -173,7 +173,7 @@ def test_every_loss_output_pair_with_multiple_outputs_matches_finite_differences
 # ---------------------------------------------------------------- identities between losses
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(cases(losses=("cross_entropy",), max_depth=3, max_width=16))
 def test_softmax_plus_cross_entropy_equals_identity_plus_softmax_cross_entropy(case):
     logits_net = Network(layers=case.net.layers, activations=(*case.net.activations[:-1], "identity"))
@@ -187,7 +187,7 @@ def test_softmax_plus_cross_entropy_equals_identity_plus_softmax_cross_entropy(c
     assert all(leaf.passed for leaf in compare_gradients(grads_a, grads_b, tolerance=tolerance, floor=floor)), case
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(cases(max_depth=3, max_width=16))
 def test_sum_reduction_is_n_times_mean(case):
     n = case.x.shape[0]

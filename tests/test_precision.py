@@ -82,7 +82,7 @@ def test_a_float8_network_is_refused_before_compiling():
 # ---------------------------------------------------------------- check_gradients in 16 bits
 
 
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(cases(dtypes=LOW, max_depth=4, max_width=32, max_batch=32))
 def test_check_gradients_passes_at_the_stated_16_bit_tolerance(case):
     """Random architectures (the bounds of the sweep the tolerances come from): hand-written == jax.grad."""
@@ -140,7 +140,7 @@ def test_a_wrong_derivative_is_caught_at_the_16_bit_tolerance(monkeypatch, bug, 
 # ---------------------------------------------------------------- accuracy against float64
 
 
-@settings(max_examples=5)
+@settings(max_examples=4)
 @given(
     cases(
         dtypes=LOW,
