@@ -39,6 +39,7 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -75,6 +76,7 @@ class Background:
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._root = Path(tempfile.mkdtemp(prefix="purebp-background-"))
+        self.seconds: dict[str, float] = {}  # wall time of each finished run, for the summary line
 
     def queue(self, name: str, **spec) -> None:
         if name not in self._specs:
@@ -106,6 +108,7 @@ class Background:
         with self._lock:
             if self._stopped:
                 raise RuntimeError(f"background run {name!r} not started: the session is over")
+            started = time.monotonic()
             self._running = subprocess.Popen(
                 argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
@@ -115,6 +118,7 @@ class Background:
             self._running.kill()
             self._running.communicate()
             raise
+        self.seconds[name] = time.monotonic() - started
         return BackgroundRun(subprocess.CompletedProcess(argv, self._running.returncode, stdout, stderr), out)
 
     def result(self, name: str, **spec) -> BackgroundRun:
@@ -159,6 +163,26 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_sessionfinish(session, exitstatus):
     BACKGROUND.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    terminalreporter.write_line(
+        f"CPU time: this process {own.ru_utime + own.ru_stime:.1f} s, "
+        f"its subprocesses {children.ru_utime + children.ru_stime:.1f} s"
+    )
+    if BACKGROUND.seconds:
+        total = sum(BACKGROUND.seconds.values())
+        terminalreporter.write_line(
+            f"background runs (conftest.Background): {len(BACKGROUND.seconds)} runs, {total:.1f} s of wall time "
+            f"beside the in-process tests; slowest: "
+            + ", ".join(
+                f"{name} {seconds:.1f} s"
+                for name, seconds in sorted(BACKGROUND.seconds.items(), key=lambda x: -x[1])[:3]
+            )
+        )
 
 
 @pytest.fixture(scope="session")

@@ -69,7 +69,9 @@ def test_saturated_inputs_give_finite_matching_gradients(case):
     loss, grads = pb.value_and_grad(case.net, case.x, case.y, loss=case.loss, reduction=case.reduction)
     assert np.isfinite(float(loss)), case
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(grads)), case
-    assert_gradients_match(case.net, case.x, case.y, loss=case.loss, reduction=case.reduction)
+    # the comparison compiled as purebp verify compiles it; the finite values above are the default program's
+    report = pb.check_gradients(case.net, case.x, case.y, loss=case.loss, reduction=case.reduction, fast_compile=True)
+    assert report.passed, f"{case}\n{report}"
 
 
 @pytest.mark.parametrize("loss,output", [p for p in LOSS_OUTPUT_PAIRS if p[1] in ("sigmoid", "softplus", "softmax")])
