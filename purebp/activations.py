@@ -98,16 +98,22 @@ def _gelu_derivative(z: Array, a: Array) -> Array:
     return 0.5 * (1.0 + erf(z * _INV_SQRT2)) + z * (_INV_SQRT_2PI * jnp.exp(-0.5 * z * z))
 
 
+def _row_max(z: Array) -> Array:
+    # the shift cancels in softmax and log_softmax, so it is held out of autodiff (the witness in check.py):
+    # jax.grad through jnp.max's tie mask has given NaN at XLA CPU -O0 (check_gradients(fast_compile=True))
+    return jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+
+
 def softmax(z: Array) -> Array:
     """Softmax over the last axis, shifted by the row max so exp never overflows."""
-    shifted = z - jnp.max(z, axis=-1, keepdims=True)
+    shifted = z - _row_max(z)
     e = jnp.exp(shifted)
     return e / jnp.sum(e, axis=-1, keepdims=True)
 
 
 def log_softmax(z: Array) -> Array:
     """log softmax(z) over the last axis by log-sum-exp: finite wherever z is."""
-    shifted = z - jnp.max(z, axis=-1, keepdims=True)
+    shifted = z - _row_max(z)
     return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
 
 

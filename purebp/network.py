@@ -221,9 +221,20 @@ class Sequential:
 
     def __repr__(self) -> str:
         try:
-            return f"Sequential(input_shape={self.input_shape}, layers=[{', '.join(map(repr, self.layers))}])"
-        except (AttributeError, IndexError, TypeError):
-            return f"Sequential(layers={self.layers!r})"
+            layers = ", ".join(map(_layer_repr, self.layers))
+        except TypeError:  # layers is not a sequence
+            layers = _describe(self.layers)
+        return f"Sequential(input_shape={self.input_shape}, layers=[{layers}])"
+
+
+def _layer_repr(layer: object) -> str:
+    # tree maps can leave scalars or floats where a layer's repr expects arrays (a sum per leaf, a count):
+    # then name the type and describe the leaves instead of raising from inside repr
+    try:
+        return repr(layer)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        leaves = ", ".join(_describe(leaf) for leaf in jax.tree.leaves(layer))
+        return f"{type(layer).__name__}({leaves})"
 
 
 jax.tree_util.register_dataclass(Sequential)  # the layers' leaves; input_shape static

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,12 +26,20 @@ ROOT = Path(__file__).resolve().parent.parent
 OWN_RATIO = "time / jax.grad of purebp's forward"
 
 
+# the run goes beside the in-process tests (conftest.Background): the tests that read it are marked with it
+QUICK_RUN = dict(
+    command=[sys.executable, "-m", "experiments.benchmark", "--quick", "--out", "{out}/benchmark"],
+    cwd=ROOT,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    timeout=600,
+)
+uses_quick_run = pytest.mark.background("experiments.benchmark --quick", **QUICK_RUN)
+
+
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "benchmark"
-    command = [sys.executable, "-m", "experiments.benchmark", "--quick", "--out", str(out)]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def quick_run(background):
+    run = background.result("experiments.benchmark --quick", **QUICK_RUN)
+    done, out = run.process, run.out / "benchmark"
     assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
     return out, json.loads(out.with_suffix(".json").read_text())
 
@@ -56,6 +63,7 @@ def _tables(markdown: str) -> list[list[list[str]]]:
     return tables
 
 
+@uses_quick_run
 def test_quick_run_writes_well_formed_tables(quick_run):
     out, _ = quick_run
     markdown = out.with_suffix(".md").read_text()
@@ -83,6 +91,7 @@ def test_quick_run_writes_well_formed_tables(quick_run):
     assert out.with_suffix(".csv").read_text().splitlines()[0].startswith("table,config,contender")
 
 
+@uses_quick_run
 def test_every_contender_computes_the_same_gradient(quick_run):
     # float32: per-leaf relative L2 error against purebp's gradient within 1e-4 (a wrong contender is ~1)
     _, result = quick_run

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -66,17 +65,18 @@ def test_divergence_exits_with_code_1_and_names_the_step(capsys):
     assert "loss became non-finite at step" in capsys.readouterr().err
 
 
-def test_the_installed_command_runs_in_a_fresh_process(tmp_path):
+FRESH_PROCESS = dict(
+    command=[sys.executable, "-m", "purebp.cli"] + SHORT + ["--json", "{out}/run.json", "--gradient", "autodiff"],
+    env={name: value for name, value in os.environ.items() if not name.startswith("JAX_")},
+    timeout=300,
+)
+
+
+@pytest.mark.background("purebp train in a fresh process", **FRESH_PROCESS)  # beside the in-process tests
+def test_the_installed_command_runs_in_a_fresh_process(background):
     """The real entry point, outside pytest's JAX settings: exit code 0 and the metrics in the JSON."""
-    out = tmp_path / "run.json"
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("JAX_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "purebp.cli"] + SHORT + ["--json", str(out), "--gradient", "autodiff"],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=300,
-    )
+    run = background.result("purebp train in a fresh process", **FRESH_PROCESS)
+    result, out = run.process, run.out / "run.json"
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout
     assert result.stderr == ""  # not a terminal: no progress bar

@@ -7,9 +7,7 @@ forward against PyTorch in float64 to 1e-12 (max abs over max |value|).
 from __future__ import annotations
 
 import dataclasses
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import jax
@@ -285,26 +283,35 @@ def test_a_cnn_checkpoint_round_trips(tmp_path):
     assert pb.load_checkpoint(tmp_path / "pooled.npz").net.layers[:2] == pooled.layers[:2]
 
 
-def test_fit_on_a_mesh_trains_a_cnn_as_one_device_does():
-    code = """
-        import numpy as np, optax, purebp as pb
-        from purebp import distributed
-        mesh = distributed.make_data_mesh()
-        rng = np.random.default_rng(0)
-        x = rng.normal(size=(64, 1, 12)); y = rng.integers(0, 3, size=64).astype(np.int32)
-        net = pb.init_network(jax.random.key(1), (1, 12), [pb.conv1d(4, 3, stride=2, padding=1, activation="relu"),
-                              pb.max_pool1d(2), pb.flatten(), pb.dense(3)], dtype="float64")
-        options = dict(loss="softmax_cross_entropy", optimizer=optax.adam(0.01), epochs=2, batch_size=16,
-                       key=jax.random.key(2))
-        single, _ = pb.fit(net, (x, y), **options)
-        sharded, _ = pb.fit(net, (x, y), mesh=mesh, **options)
-        for u, v in zip(jax.tree.leaves(sharded), jax.tree.leaves(single), strict=True):
-            assert np.linalg.norm(np.asarray(u) - np.asarray(v)) <= 1e-10 * np.linalg.norm(np.asarray(v))
-        print("ok")
-    """
-    prelude = "import jax\njax.config.update('jax_num_cpu_devices', 8)\njax.config.update('jax_enable_x64', True)\n"
-    result = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
-                            timeout=300, cwd=ROOT)  # fmt: skip
+MESH_CODE = """
+import numpy as np, optax, purebp as pb
+from purebp import distributed
+mesh = distributed.make_data_mesh()
+rng = np.random.default_rng(0)
+x = rng.normal(size=(64, 1, 12)); y = rng.integers(0, 3, size=64).astype(np.int32)
+net = pb.init_network(jax.random.key(1), (1, 12), [pb.conv1d(4, 3, stride=2, padding=1, activation="relu"),
+                      pb.max_pool1d(2), pb.flatten(), pb.dense(3)], dtype="float64")
+options = dict(loss="softmax_cross_entropy", optimizer=optax.adam(0.01), epochs=2, batch_size=16,
+               key=jax.random.key(2))
+single, _ = pb.fit(net, (x, y), **options)
+sharded, _ = pb.fit(net, (x, y), mesh=mesh, **options)
+for u, v in zip(jax.tree.leaves(sharded), jax.tree.leaves(single), strict=True):
+    assert np.linalg.norm(np.asarray(u) - np.asarray(v)) <= 1e-10 * np.linalg.norm(np.asarray(v))
+print("ok")
+"""
+MESH_RUN = dict(
+    command=[sys.executable, "-c", "import jax\njax.config.update('jax_num_cpu_devices', 8)\n"
+             "jax.config.update('jax_enable_x64', True)\n" + MESH_CODE],
+    cwd=ROOT,
+    timeout=300,
+)  # fmt: skip
+
+
+@pytest.mark.background("conv: fit on 8 devices", **MESH_RUN)
+def test_fit_on_a_mesh_trains_a_cnn_as_one_device_does(background):
+    """fit(mesh=8 simulated devices) on a conv + max-pool network ends where fit on one device ends (float64,
+    relative L2 1e-10 per leaf); a fresh process, run beside the in-process tests (conftest.Background)."""
+    result = background.result("conv: fit on 8 devices", **MESH_RUN).process
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
 
 

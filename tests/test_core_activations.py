@@ -68,3 +68,23 @@ def test_register_rejects_builtins_and_non_elementwise():
         pb.register_activation("test_sum", lambda z: jnp.sum(z) * jnp.ones(3, dtype=z.dtype), lambda z: jnp.ones(3))
     with pytest.raises(TypeError, match="callables"):
         pb.register_activation("test_none", None, None)
+
+
+def test_softmax_output_passes_the_fast_compile_check():
+    """in1>d2sm with cross-entropy under check_gradients(fast_compile=True), the compile `purebp verify` uses.
+
+    Seeds 1 and 2 gave NaN on jax.grad's side when the row-max shift of softmax was differentiated (the
+    tie mask of jnp.max at XLA -O0): a false mismatch. The shift cancels, so it is held out of the gradient.
+    """
+    from purebp.testing import StackSpec, make_stack_case
+
+    for seed in (1, 2):
+        case = make_stack_case(StackSpec(1, (("dense", 2, "softmax"),), "cross_entropy", seed=seed, with_key=False))
+        report = pb.check_gradients(case.net, case.x, case.y, loss=case.loss, fast_compile=True)
+        assert report.passed, f"{case!r}\n{report}"
+    z = jnp.asarray([[1.0, 1.0, -2.0], [0.5, 3.0, 3.0]])  # ties at the row max
+    a = activations.softmax(z)
+    jacobians = jax.jit(jax.vmap(jax.jacobian(activations.softmax)))(z)
+    expected = jax.vmap(jnp.diag)(a) - a[:, :, None] * a[:, None, :]  # J = diag(a) - a a^T
+    np.testing.assert_allclose(jacobians, expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(jnp.exp(activations.log_softmax(z)), a, rtol=1e-12)

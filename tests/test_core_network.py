@@ -77,3 +77,14 @@ def test_repr_names_the_architecture():
     assert repr(net) == "Network(sizes=(3, 4, 2), activations=('tanh', 'sigmoid'), dtype=float32)"
     # tree utilities may put non-arrays in the leaves: repr must not crash
     assert "Network" in repr(jax.tree.map(lambda _: None, net, is_leaf=lambda x: x is None))
+
+
+def test_sequential_repr_survives_scalar_and_non_array_leaves():
+    """Tree maps that turn the parameters into scalars or floats (a sum per leaf, a count) still print."""
+    net = pb.init_network(jax.random.key(0), (3,), [pb.dense(4, "tanh"), pb.residual(pb.dense(4)), pb.layer_norm()])
+    assert repr(net).startswith("Sequential(input_shape=(3,), layers=[Dense(4, 'tanh')")
+    sums = jax.tree.map(lambda leaf: leaf.sum(), net)
+    floats = jax.tree.map(lambda leaf: 1.5, net)
+    for tree in (sums, floats, jax.tree.map(lambda _: None, net, is_leaf=lambda x: x is None)):
+        text = repr(tree)
+        assert text.startswith("Sequential(") and "Dense" in text and "LayerNorm" in text, text

@@ -2,7 +2,8 @@
 
 Each script runs in its own process (as a user would run it: ``python -m
 experiments.NAME --quick --out DIR``), so the test suite's JAX settings do not
-leak into it. The numbers are not checked here (the scripts' results are);
+leak into it; the runs start with the session, beside the in-process tests
+(tests/conftest.py, ``Background``). The numbers are not checked here (the scripts' results are);
 the shape of the output is: a CSV with a header and consistent rows, a
 Markdown page whose tables all have as many cells per row as header cells (a
 stray '|' inside a cell breaks that), and a PNG that decodes to a non-empty
@@ -27,29 +28,36 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TABLE_RULE = re.compile(r"^\|(\s*:?-{3,}:?\s*\|)+$")
 
 
-def run_quick(name: str, out: Path) -> subprocess.CompletedProcess:
-    """Run ``python -m experiments.<name> --quick --out <out>`` from the repository root; fail with its output."""
+def quick_run(name: str, out: str = "{out}") -> dict:
+    """The command ``python -m experiments.<name> --quick --out <out>``, from the repository root."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, "-m", f"experiments.{name}", "--quick", "--out", str(out)]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", f"experiments.{name}", "--quick", "--out", out]
+    return dict(command=command, cwd=ROOT, env=env, timeout=600)
+
+
+def quick(name: str) -> pytest.MarkDecorator:
+    """Mark a test that reads this script's run: it goes beside the in-process tests (conftest.Background)."""
+    return pytest.mark.background(f"experiments.{name} --quick", **quick_run(name))
+
+
+def finished(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Fail with the command's output unless it exited with 0."""
     assert result.returncode == 0, (
-        f"{' '.join(command)} exited with {result.returncode}\n"
+        f"{' '.join(result.args)} exited with {result.returncode}\n"
         f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
     )
     return result
 
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory):
-    """Run each script at most once per test session; return a function name -> its output directory."""
-    done: dict[str, Path] = {}
+def outputs(background):
+    """Each script's run, once per test session (in the background when a test is marked with it):
+    a function name -> its output directory."""
 
     def get(name: str) -> Path:
-        if name not in done:
-            out = tmp_path_factory.mktemp(name)
-            run_quick(name, out)
-            done[name] = out
-        return done[name]
+        run = background.result(f"experiments.{name} --quick", **quick_run(name))
+        finished(run.process)
+        return run.out
 
     return get
 
@@ -98,7 +106,7 @@ def check_png(path: Path) -> None:
     assert pixels.min() < pixels.max(), f"{path.name}: a blank image"
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=quick(name)) for name in SCRIPTS])
 def test_quick_run_writes_well_formed_outputs(name, outputs):
     out = outputs(name)
     written = sorted(p.name for p in out.iterdir())
@@ -109,11 +117,18 @@ def test_quick_run_writes_well_formed_outputs(name, outputs):
     check_png(out / f"{name}_quick.png")
 
 
-def test_same_seed_same_results(outputs, tmp_path):
-    """learning_rate --quick twice: the CSV (every loss of every step) is identical byte for byte."""
+AGAIN = "experiments.learning_rate --quick, a second time"
+
+
+@quick("learning_rate")
+@pytest.mark.background(AGAIN, **quick_run("learning_rate"))
+def test_same_seed_same_results(outputs, background):
+    """learning_rate --quick twice, in two processes: the CSV (every loss of every step) is identical byte for byte."""
     first = (outputs("learning_rate") / "learning_rate_quick.csv").read_bytes()
-    run_quick("learning_rate", tmp_path)
-    assert (tmp_path / "learning_rate_quick.csv").read_bytes() == first
+    again = background.result(AGAIN, **quick_run("learning_rate"))
+    finished(again.process)
+    assert again.out != outputs("learning_rate")
+    assert (again.out / "learning_rate_quick.csv").read_bytes() == first
 
 
 def test_template_is_short():
@@ -125,6 +140,7 @@ def test_template_is_short():
 # ---------------------------------------------------------------- residual and layer-norm studies (issue 12)
 
 
+@quick("mnist1d_residual")
 def test_mnist1d_residual_quick_writes_well_formed_outputs(outputs):
     """mnist1d_residual --quick: CSV, Markdown, PNG and JSON, one purebp run of the authors' MLP that learned."""
     import json

@@ -34,6 +34,12 @@ CLI = [sys.executable, "-m", "purebp.cli"]
 DIGEST = re.compile(r"process (\d) of 2: parameters sha256 ([0-9a-f]{64})")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def quiet_machine(background):
+    """The session's background runs (conftest.Background) finish first: these tests time processes of their own."""
+    background.wait_all()
+
+
 @pytest.fixture(scope="module")
 def environment(tmp_path_factory) -> dict[str, str]:
     """The workers' environment: outside pytest's JAX settings, like a user's shell, plus a persistent

@@ -65,7 +65,7 @@ def assert_tree_close(actual, expected, tolerance, floor, what):
 # ---------------------------------------------------------------- per-example gradients and norms
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(case=cases(dtypes=("float32", "float64"), max_depth=4, max_width=12, max_batch=12))
 def test_per_example_grads_and_norms_match_vmap_of_grad(case):
     net, x, y, loss = case.net, case.x, case.y, case.loss

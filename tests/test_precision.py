@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -83,7 +82,7 @@ def test_a_float8_network_is_refused_before_compiling():
 # ---------------------------------------------------------------- check_gradients in 16 bits
 
 
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(cases(dtypes=LOW, max_depth=4, max_width=32, max_batch=32))
 def test_check_gradients_passes_at_the_stated_16_bit_tolerance(case):
     """Random architectures (the bounds of the sweep the tolerances come from): hand-written == jax.grad."""
@@ -141,7 +140,7 @@ def test_a_wrong_derivative_is_caught_at_the_16_bit_tolerance(monkeypatch, bug, 
 # ---------------------------------------------------------------- accuracy against float64
 
 
-@settings(max_examples=5)
+@settings(max_examples=4)
 @given(
     cases(
         dtypes=LOW,
@@ -320,12 +319,17 @@ def test_mixed_training_under_jit_and_scan_reduces_the_loss(compute):
     assert losses[0] == float(first)  # the step's loss is the mixed loss at the parameters before the update
 
 
-def test_readme_mixed_precision_example_runs():
-    """The README's example, in a fresh process (default JAX settings: no x64, so the reference is float32)."""
+def readme_mixed_precision() -> dict:
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = text[text.index("### Mixed precision") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     code += "\nassert metrics['loss'].dtype == net.dtype == grads.layers[0].w.dtype == jnp.float32\n"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return dict(command=[sys.executable, "-c", code], timeout=300)
+
+
+@pytest.mark.background("README: Mixed precision", **readme_mixed_precision())  # beside the in-process tests
+def test_readme_mixed_precision_example_runs(background):
+    """The README's example, in a fresh process (default JAX settings: no x64, so the reference is float32)."""
+    result = background.result("README: Mixed precision", **readme_mixed_precision()).process
     assert result.returncode == 0, result.stderr
     assert "PASS" in result.stdout and "hand vs float32" in result.stdout, result.stdout

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -14,58 +16,90 @@ def python_block_after(heading: str) -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_use_it_from_python_example_runs():
-    code = python_block_after("## Use it from Python")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+def fresh(heading: str) -> dict:
+    """``python -c <the block after heading>``: the run a ``background`` mark starts with the session (conftest.py)."""
+    return dict(command=[sys.executable, "-c", python_block_after(heading)], timeout=300)
+
+
+def in_background(heading: str) -> pytest.MarkDecorator:
+    return pytest.mark.background(f"README: {heading}", **fresh(heading))
+
+
+def run_block(background, heading: str) -> subprocess.CompletedProcess:
+    return background.result(f"README: {heading}", **fresh(heading)).process
+
+
+@in_background("## Use it from Python")
+def test_use_it_from_python_example_runs(background):
+    result = run_block(background, "## Use it from Python")
     assert result.returncode == 0, result.stderr
     assert "PASS" in result.stdout  # the printed check_gradients report
 
 
-def test_layers_example_runs():
+@in_background("## Layers: residual, layer norm, dropout, your own")
+def test_layers_example_runs(background):
     """The residual + layer norm + dropout network: gradient check passes, fit trains, evaluate runs."""
-    code = python_block_after("## Layers: residual, layer norm, dropout, your own")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = run_block(background, "## Layers: residual, layer norm, dropout, your own")
     assert result.returncode == 0, result.stderr
     assert "PASS" in result.stdout and "'accuracy'" in result.stdout
 
 
-def test_conv_example_runs():
-    """MNIST-1D's CNN in init_network; run here with 40 of its 6000 steps (the accuracy is train_results.py's)."""
+def conv_block() -> str:
+    """MNIST-1D's CNN block, with 40 of its 6000 steps (its accuracy is experiments/train_results.py's)."""
     code = python_block_after("### 1-D convolution and pooling")
     assert "steps=6000" in code
-    code = code.replace("steps=6000", "steps=40")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return code.replace("steps=6000", "steps=40")
+
+
+CONV_RUN = dict(command=[sys.executable, "-c", conv_block()], timeout=300)
+
+
+@pytest.mark.background("README: 1-D convolution and pooling", **CONV_RUN)
+def test_conv_example_runs(background):
+    result = background.result("README: 1-D convolution and pooling", **CONV_RUN).process
     assert result.returncode == 0, result.stderr
     assert "'accuracy'" in result.stdout
 
 
-def test_custom_layer_example_runs():
-    code = python_block_after("### Your own layer")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+@in_background("### Your own layer")
+def test_custom_layer_example_runs(background):
+    result = run_block(background, "### Your own layer")
     assert result.returncode == 0, result.stderr
     assert "PASS" in result.stdout
 
 
-def test_testing_your_own_backprop_example_passes_under_pytest(tmp_path):
+def own_backprop_runs() -> dict:
+    """The README's pytest file saved as a user saves it, run by pytest there; then by the CLI."""
+    files = {"test_my_backprop.py": python_block_after("## Testing your own backprop")}
+    pytest_run = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "{out}/test_my_backprop.py"]
+    cli_run = [sys.executable, "-m", "purebp.cli", "check-backprop", "{out}/test_my_backprop.py:my_backprop",
+               "--activation", "sigmoid", "--loss", "mse", "--layout", "columns", "--trials", "5"]  # fmt: skip
+    return {
+        "README: test_my_backprop.py under pytest": dict(command=pytest_run, cwd="{out}", files=files, timeout=300),
+        "README: test_my_backprop.py by the CLI": dict(command=cli_run, files=files, timeout=300),
+    }
+
+
+OWN_BACKPROP_RUNS = own_backprop_runs()
+
+
+@pytest.mark.background(
+    "README: test_my_backprop.py under pytest", **OWN_BACKPROP_RUNS["README: test_my_backprop.py under pytest"]
+)
+@pytest.mark.background(
+    "README: test_my_backprop.py by the CLI", **OWN_BACKPROP_RUNS["README: test_my_backprop.py by the CLI"]
+)
+def test_testing_your_own_backprop_example_passes_under_pytest(background):
     """The pytest file of "Testing your own backprop", as a user saves and runs it; then via the CLI."""
-    (tmp_path / "test_my_backprop.py").write_text(python_block_after("## Testing your own backprop"))
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_my_backprop.py")],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+    result, cli = (background.result(name, **spec).process for name, spec in OWN_BACKPROP_RUNS.items())
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
-    cli = subprocess.run(
-        [sys.executable, "-m", "purebp.cli", "check-backprop", str(tmp_path / "test_my_backprop.py") + ":my_backprop",
-         "--activation", "sigmoid", "--loss", "mse", "--layout", "columns", "--trials", "5"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
     assert cli.returncode == 0, cli.stdout + cli.stderr
 
 
-def test_learning_rules_example_runs():
+@in_background("## Learning rules other than backprop")
+def test_learning_rules_example_runs(background):
     """The feedback-alignment example: a rule's update, fit with it, the angles (output layer 0, first layer NaN)."""
-    code = python_block_after("## Learning rules other than backprop")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = run_block(background, "## Learning rules other than backprop")
     assert result.returncode == 0, result.stderr
     assert "update vs gradient, per layer (degrees):" in result.stdout and "accuracy" in result.stdout

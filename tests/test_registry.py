@@ -6,7 +6,6 @@ jax.grad: check_gradients' stated 1e-10 per leaf.
 """
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -336,12 +335,17 @@ def test_the_table_holds_the_loss_to_output_map_once():
         losses.get(None)
 
 
-def test_the_readme_custom_cost_example_runs():
-    """README "Your own cost", in a fresh process (default JAX settings: float32, no strict promotion)."""
+def readme_custom_cost() -> dict:
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = text[text.index("### Your own cost") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return dict(command=[sys.executable, "-c", code], timeout=300)
+
+
+@pytest.mark.background("README: Your own cost", **readme_custom_cost())  # beside the in-process tests
+def test_the_readme_custom_cost_example_runs(background):
+    """README "Your own cost", in a fresh process (default JAX settings: float32, no strict promotion)."""
+    result = background.result("README: Your own cost", **readme_custom_cost()).process
     assert result.returncode == 0, result.stderr
     assert "PASS" in result.stdout
 
