@@ -126,8 +126,10 @@ def test_a_wrong_conv_backward_is_caught_and_named():
 
 
 @settings(max_examples=10)
-@given(stack_specs(conv=True, max_depth=3, max_width=6, max_batch=4))
+@given(stack_specs(conv=True, dtypes=("float64",), max_depth=3, max_width=6, max_batch=4))
 def test_random_conv_stacks_match_autodiff(spec):
+    # float64 (1e-10); float32 on conv stacks is the MNIST-1D CNN test below and experiments/results/
+    # equivalence_conv.md, whose misses are layer norms behind narrow layers (jax.grad as far from float64)
     assert_case_matches(make_stack_case(spec))
 
 
