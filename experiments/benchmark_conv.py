@@ -183,8 +183,8 @@ def run(rounds: int, epoch_rounds: int, seed: int = 0) -> dict:
         torch_gradient, torch_epoch = _torch_contenders(net, x, y, xs, ys)
         calls["torch"], epoch_calls["torch"] = torch_gradient, torch_epoch
         grads = torch_gradient()[1]
-        errors["torch"] = max_relative_error(list(zip(grads[::2], grads[1::2])), list(zip(reference[::2],
-                                                                                          reference[1::2])))  # fmt: skip
+        pairs = list(zip(reference[::2], reference[1::2]))
+        errors["torch"] = max_relative_error(list(zip(grads[::2], grads[1::2])), pairs)
         trained = torch_epoch()
         epoch_errors["torch"] = max_relative_error(list(zip(trained[::2], trained[1::2])),
                                                    list(zip(final[::2], final[1::2])))  # fmt: skip
