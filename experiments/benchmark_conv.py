@@ -35,11 +35,10 @@ import optax
 
 import purebp as pb
 from experiments import _common
-from experiments.benchmark import interleaved_medians, max_relative_error
+from experiments.benchmark import LEARNING_RATE, _sgd_epoch, interleaved_medians, max_relative_error
 
 BATCH = 100
 STEPS = 40  # one epoch of MNIST-1D's 4000 training examples
-LEARNING_RATE = 0.01
 IDIOMATIC = "idiomatic JAX"
 PUREBP = "purebp"
 OWN_FORWARD = "jax.grad of purebp's forward"
@@ -86,23 +85,6 @@ def purebp_value_and_grad(net, x, y):
 
 def own_forward_value_and_grad(net, x, y):
     return pb.autodiff_value_and_grad(net, x, y, loss="softmax_cross_entropy")
-
-
-def _sgd_epoch(gradient):
-    optimizer = optax.sgd(LEARNING_RATE)
-
-    @jax.jit
-    def epoch(params, xs, ys):
-        def step(carry, batch):
-            params, state = carry
-            loss, grads = gradient(params, *batch)
-            updates, state = optimizer.update(grads, state, params)
-            return (optax.apply_updates(params, updates), state), loss
-
-        (params, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), (xs, ys))
-        return params, losses
-
-    return epoch
 
 
 def _leaves(tree) -> list[np.ndarray]:
