@@ -254,6 +254,9 @@ def broken_net(spec):
 def test_a_layer_norm_without_its_mean_term_is_caught_upstream_of_it_only():
     """Three random stacks with a dense layer upstream of a layer norm: each one fails, on leaves before the last
     layer norm (depth-first: leaf order), while every leaf from the last layer norm on still passes."""
+    # in one full-suite run (and in none of the partial runs repeated to find it) the broken layer norm's check
+    # came back equal to jax.grad, as if a program compiled for the intact layer norm ran; start from empty caches
+    pb.clear_caches()
     rng = np.random.default_rng(0)
     checked = 0
     while checked < 3:
