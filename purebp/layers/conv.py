@@ -112,7 +112,7 @@ class Conv1d:
             window_gram = jnp.einsum("nikt,niku->ntu", windows, windows)  # u_t . u_t'
             grad_w_sq = jnp.sum(delta_gram * window_gram, axis=(1, 2))
         else:
-            grad_w = jnp.einsum("not,nikt->noik", delta, windows)
+            grad_w = self.per_example_grads(cache, grad_out).w  # the same delta: one program after CSE
             grad_w_sq = jnp.sum(grad_w * grad_w, axis=(1, 2, 3))
         grad_b = jnp.sum(delta, axis=2)
         return Conv1d(grad_w_sq, jnp.sum(grad_b * grad_b, axis=1), self.stride, self.padding, self.activation)
