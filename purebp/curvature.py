@@ -269,15 +269,24 @@ def _diagonal_jit(net, x, y, key, dropout_key, *, loss, reduction, mc_samples, h
     return _diagonal(net, x, y, loss, reduction, mc_samples, key, dropout_key, hessian)
 
 
+def _squares_of_grads(layers, caches, grad_outs) -> list:
+    """sum_n ghat_n^2 per layer from what each layer's backward got in the first-order pass (one column each)."""
+    results = []
+    for layer, cache, grad_out in zip(layers, caches, grad_outs):
+        if isinstance(layer, Residual):
+            body_grad_outs = layer.body_backward(cache, grad_out)[2]
+            results.append(Residual(tuple(_squares_of_grads(layer.layers, cache, body_grad_outs))))
+        else:
+            results.append(_squared_visit(layer, cache, grad_out[None], None))
+    return results
+
+
 def _statistics(net, x, y, loss, reduction, dropout_key):
-    """(sum_n ghat_n^2, sum_n ghat_n) with ghat_n = s g_n: one column per example, delta itself."""
+    """(sum_n ghat_n^2, sum_n ghat_n) with ghat_n = s g_n, from the deltas of one ordinary backward pass."""
     output, caches = _backprop.forward_pass(net, x, dropout_key)
     _, delta = _backprop.loss_and_output_delta(net, output, caches, y, loss=loss, reduction=reduction)
-    grads, _ = _backprop.backward_pass(net, caches, delta)
-    _, _, results = _sweep(
-        _top_layers(net), caches, delta[None], None, _squared_visit, _residual_tree, propagate_first=False
-    )
-    return like(net, results), grads
+    grads, grad_outs = _backprop.backward_pass(net, caches, delta)
+    return like(net, _squares_of_grads(_top_layers(net), caches, grad_outs)), grads
 
 
 @functools.partial(jax.jit, static_argnames=("loss", "reduction", "variance"))
@@ -411,7 +420,7 @@ def _validate(net: AnyNetwork, x, y, loss: str, reduction: str, quantity: str) -
         if output is not None and not output.piecewise_linear and output.second_derivative is None:
             raise ValueError(
                 f"diag_hessian: mse on a {name!r} output layer: that activation has no second derivative G'' "
-                "registered, so its Hessian term is unknown"
+                "registered, so its Hessian term is unknown (register it with second_derivative=...)"
             )
 
 
@@ -433,7 +442,7 @@ def _check_hessian_layer(path: tuple[int, ...], layer: object, known: bool) -> N
         if not activation.piecewise_linear and activation.second_derivative is None:
             raise ValueError(
                 f"diag_hessian: {name}: activation {layer.activation!r} has no second derivative G'' registered, "
-                "so its Hessian term is unknown"
+                "so its Hessian term is unknown (register it with second_derivative=...)"
             )
 
 
