@@ -207,14 +207,19 @@ def _sweep(layers, caches, columns, weights, visit, combine, *, grad_outs=None, 
         residual = None if grad_outs is None else _residual_of(layer, cache, grad_outs[index])
         results[index] = visit(layer, cache, columns, weights)
         if residual is not None:
-            # the Hessian's own term at z^l: columns that already hold dC/dz, so they skip G'
+            # the Hessian's own term at z^l: columns sqrt|r_j| e_j that already hold dC/dz, so they skip G'
             linear = layer.linear()
-            more, more_weights = _diagonal_columns(residual)
-            own = visit(linear, cache, more, more_weights)  # a tree of the linear layer: same leaves, no G
+            if isinstance(layer, Dense):  # one-hot columns in closed form: no (n_out, N, n_out) products
+                own = linear.diagonal_sum_squared_grads(cache, residual)
+                more_weights = jnp.sign(jnp.reshape(residual, (residual.shape[0], -1))).T
+                more = None if last else linear.diagonal_backward(residual)
+            else:
+                more, more_weights = _diagonal_columns(residual)
+                own = visit(linear, cache, more, more_weights)
+                more = None if last else _propagate(linear, cache, more)
+            # a tree of the linear layer: the same leaves as the layer's, its static G aside
             total = [a + b for a, b in zip(jax.tree.leaves(results[index]), jax.tree.leaves(own))]
             results[index] = jax.tree.unflatten(jax.tree.structure(results[index]), total)
-            if not last:
-                more = _propagate(linear, cache, more)
         if last:
             continue
         columns = _propagate(layer, cache, columns)

@@ -85,6 +85,18 @@ class Dense:
         grad_w = per_unit.T @ (cache.input * cache.input)
         return Dense(grad_w, jnp.sum(per_unit, axis=0), self.activation)
 
+    def diagonal_sum_squared_grads(self, cache: DenseCache, residual: Array) -> Dense:
+        """``sum_squared_grads`` of the columns sqrt|r_nj| e_j at z^l with signs sign(r_nj), in closed form.
+
+        Column j of example n has delta = sqrt|r_nj| e_j, so the signed sum of its squared
+        (BP4) outer products is r_nj (a_n^2)^T in row j: r^T (a^2), and sum_n r for b.
+        """
+        return Dense(residual.T @ (cache.input * cache.input), jnp.sum(residual, axis=0), self.activation)
+
+    def diagonal_backward(self, residual: Array) -> Array:
+        """(BP2) for columns sqrt|r_nj| e_j at z^l: (W^l)^T sqrt|r_nj| e_j = sqrt|r_nj| W^l[j, :], (n_out, N, n_in)."""
+        return jnp.sqrt(jnp.abs(residual)).T[:, :, None] * self.w[:, None, :]
+
     def kronecker_factors(self, cache: DenseCache, columns: Array) -> tuple[Array, Array]:
         """(g, a): g = sum_{m,n} delta_mn delta_mn^T (n_out, n_out), a = (1/N) sum_n a_n a_n^T (n_in, n_in)."""
         delta = self.column_deltas(cache, columns)
