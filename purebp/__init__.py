@@ -1,9 +1,19 @@
 """purebp: backpropagation written by hand from the delta equations, proven equal to jax.grad."""
 
-from purebp import rules
+from purebp import curvature, rules
 from purebp.backprop import BackpropTrace, alignment_angles, backprop_trace, forward, grad, value_and_grad
 from purebp.check import GradientReport, LayerReport, autodiff_value_and_grad, check_gradients, check_layer
 from purebp.checkpoint import Checkpoint, CheckpointError, describe_network, load_checkpoint, save_checkpoint
+from purebp.curvature import (
+    KroneckerFactors,
+    diag_ggn,
+    diag_hessian,
+    ggn_vector_product,
+    grad_variance,
+    kfac,
+    kflr,
+    sum_grad_squared,
+)
 from purebp.distributed import ProcessFailureError, data_parallel_value_and_grad, make_data_mesh
 from purebp.layers import (
     AvgPool1d,
@@ -51,6 +61,7 @@ __all__ = [
     "Flatten",
     "GradientMismatchError",
     "GradientReport",
+    "KroneckerFactors",
     "Layer",
     "LayerNorm",
     "LayerReport",
@@ -68,9 +79,12 @@ __all__ = [
     "check_layer",
     "clear_caches",
     "conv1d",
+    "curvature",
     "data_parallel_value_and_grad",
     "dense",
     "describe_network",
+    "diag_ggn",
+    "diag_hessian",
     "dp_sgd_step",
     "dp_value_and_grad",
     "dropout",
@@ -78,9 +92,13 @@ __all__ = [
     "fit",
     "flatten",
     "forward",
+    "ggn_vector_product",
     "grad",
+    "grad_variance",
     "init_mlp",
     "init_network",
+    "kfac",
+    "kflr",
     "layer_norm",
     "load_checkpoint",
     "make_data_mesh",
@@ -95,5 +113,6 @@ __all__ = [
     "residual",
     "rules",
     "save_checkpoint",
+    "sum_grad_squared",
     "value_and_grad",
 ]

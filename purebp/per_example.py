@@ -248,7 +248,7 @@ def dp_value_and_grad(
     """
     _validate_dp(net, x, y, key, loss, l2_norm_clip, noise_multiplier, reduction)
     if dropout_key is not None:
-        _validate_key(dropout_key)
+        validate_key(dropout_key)
     return _dp_value_and_grad_jit(net, x, y, key, l2_norm_clip, noise_multiplier, loss, reduction, dropout_key)
 
 
@@ -279,7 +279,7 @@ def dp_sgd_step(
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
     _validate_dp(net, x, y, key, loss, l2_norm_clip, noise_multiplier, "mean")
     if dropout_key is not None:
-        _validate_key(dropout_key)
+        validate_key(dropout_key)
     return _dp_sgd_step_jit(net, opt_state, x, y, key, l2_norm_clip, noise_multiplier, optimizer, loss, dropout_key)
 
 
@@ -291,12 +291,13 @@ def _validate_dp(net, x, y, key, loss, l2_norm_clip, noise_multiplier, reduction
     if reduction not in DP_REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; valid reductions: {', '.join(DP_REDUCTIONS)}")
     _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
-    _validate_key(key)
+    validate_key(key)
     _validate_nonnegative_scalar("l2_norm_clip", l2_norm_clip)
     _validate_nonnegative_scalar("noise_multiplier", noise_multiplier)
 
 
-def _validate_key(key: object) -> None:
+def validate_key(key: object) -> None:
+    """Raise TypeError/ValueError unless ``key`` is one JAX random key (new-style or a legacy uint32[2])."""
     if not isinstance(key, jax.Array):
         raise TypeError(f"key must be a JAX random key such as jax.random.key(0), got {type(key).__name__}")
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):

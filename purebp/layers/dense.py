@@ -69,6 +69,35 @@ class Dense:
         # Goodfellow's trick: ||delta_n a_n^T||_F^2 = ||delta_n||^2 ||a_n||^2, no (N, n_out, n_in) tensor
         return Dense(delta_sq * jnp.sum(cache.input * cache.input, axis=1), delta_sq, self.activation)
 
+    # ---- more from the same pass (purebp.curvature): columns are M backpropagated vectors per example,
+    # shape (M, N, n_out), each a dC/da^l of its own; weights (M, N) or None (all +1)
+
+    def column_deltas(self, cache: DenseCache, columns: Array) -> Array:
+        """(BP1)/(BP2) for every column: delta_mn = column_mn (.) G'(z^l_n), shape (M, N, n_out)."""
+        return jax.vmap(self.delta, in_axes=(None, 0))(cache, columns)
+
+    def sum_squared_grads(self, cache: DenseCache, columns: Array, weights: Array | None = None) -> Dense:
+        """sum_{m,n} w_mn (dC^{mn}/dtheta)^2 by leaf: dC^{mn}/dW = delta_mn a_n^T (BP4), dC^{mn}/db = delta_mn (BP3)."""
+        delta = self.column_deltas(cache, columns)
+        squared = delta * delta if weights is None else weights[:, :, None] * delta * delta
+        per_unit = jnp.sum(squared, axis=0)  # q_n = sum_m w_mn delta_mn^2, (N, n_out)
+        # sum_{m,n} w_mn (delta_mn a_n^T)^2 = sum_n q_n (a_n^2)^T: one product, no per-example gradient
+        grad_w = per_unit.T @ (cache.input * cache.input)
+        return Dense(grad_w, jnp.sum(per_unit, axis=0), self.activation)
+
+    def kronecker_factors(self, cache: DenseCache, columns: Array) -> tuple[Array, Array]:
+        """(g, a): g = sum_{m,n} delta_mn delta_mn^T (n_out, n_out), a = (1/N) sum_n a_n a_n^T (n_in, n_in)."""
+        delta = self.column_deltas(cache, columns)
+        flat = jnp.reshape(delta, (-1, delta.shape[-1]))
+        inputs = cache.input
+        return flat.T @ flat, (inputs.T @ inputs) / np.asarray(inputs.shape[0], inputs.dtype)
+
+    def grad_dot(self, cache: DenseCache, columns: Array, tangent: Dense) -> Array:
+        """<dC^{mn}/dtheta, tangent> for every column and example, (M, N): delta_mn . (V a_n + v_b)."""
+        delta = self.column_deltas(cache, columns)
+        moved = cache.input @ tangent.w.T + tangent.b[None, :]  # the change of z^l_n along the tangent
+        return jnp.einsum("mno,no->mn", delta, moved)
+
     def linear(self) -> Dense:
         """The same weights with the identity activation: the output layer once delta^L is fused with the cost."""
         return dataclasses.replace(self, activation="identity")

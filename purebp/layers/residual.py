@@ -31,7 +31,8 @@ class Residual:
             raise ValueError(f"residual: the body maps shape {a.shape} to {hidden.shape}; a + F(a) needs the same")
         return a + hidden, tuple(caches)  # out = a + F(a)
 
-    def _body_backward(self, caches: tuple, grad_out: Array) -> tuple[Array, list, list]:
+    def body_backward(self, caches: tuple, grad_out: Array) -> tuple[Array, list, list]:
+        """Run the body F backward from dC/d(out); return (F's dC/da, its layers' grads, what each body layer got)."""
         grad, grads, grad_outs = grad_out, [None] * len(self.layers), [None] * len(self.layers)
         for index in reversed(range(len(self.layers))):
             grad_outs[index] = grad
@@ -39,18 +40,18 @@ class Residual:
         return grad, grads, grad_outs
 
     def backward(self, caches: tuple, grad_out: Array) -> tuple[Array, Residual]:
-        grad_body, grads, _ = self._body_backward(caches, grad_out)
+        grad_body, grads, _ = self.body_backward(caches, grad_out)
         grad_in = grad_out + grad_body  # Case 2: dC/da = dC/d(out) (identity path) + F's backward (body path)
         return grad_in, Residual(tuple(grads))
 
     def per_example_grads(self, caches: tuple, grad_out: Array) -> Residual:
-        _, _, grad_outs = self._body_backward(caches, grad_out)
+        _, _, grad_outs = self.body_backward(caches, grad_out)
         return Residual(tuple(layer.per_example_grads(c, g) for layer, c, g in zip(self.layers, caches, grad_outs)))
 
     def per_example_squared_norms(self, caches: tuple, grad_out: Array) -> Residual:
         # the block's parameters are its body's, so its squared norm is the sum of the body layers' squared
         # norms, each computed by that layer's own rule (Goodfellow's trick for a dense body layer)
-        _, _, grad_outs = self._body_backward(caches, grad_out)
+        _, _, grad_outs = self.body_backward(caches, grad_out)
         return Residual(
             tuple(per_example_squared_norms(layer, c, g) for layer, c, g in zip(self.layers, caches, grad_outs))
         )
