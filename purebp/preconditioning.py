@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 from purebp import network as _network
+from purebp.curvature import KroneckerFactors
 
 Array = jax.Array
 
@@ -197,19 +198,6 @@ def _is_factors(entry: object) -> bool:
     return isinstance(entry, tuple) and getattr(entry, "_fields", None) == ("g", "a")
 
 
-def _factors_type():
-    try:  # TEMPORARY until purebp.curvature lands on main
-        from purebp.curvature import KroneckerFactors  # the type pb.kfac returns: the state holds the same
-    except ImportError:
-        return _PendingFactors
-    return KroneckerFactors
-
-
-class _PendingFactors(NamedTuple):  # TEMPORARY
-    g: Array
-    a: Array
-
-
 def kfac_solve(
     g: Array, a: Array, dw: Array, db: Array, damping: float, *, pi_damping: bool = True
 ) -> tuple[Array, Array]:
@@ -290,7 +278,7 @@ def _zero_factors(layer: object, where: str, who: str) -> object:
         return tuple(_zero_factors(sub, f"{where}.{i}", who) for i, sub in enumerate(body))
     w, _ = _weight_bias(layer, where, who)
     g_shape, a_shape = _factor_shapes(w)
-    return _factors_type()(jnp.zeros(g_shape, w.dtype), jnp.zeros(a_shape, w.dtype))
+    return KroneckerFactors(jnp.zeros(g_shape, w.dtype), jnp.zeros(a_shape, w.dtype))
 
 
 def _check_entry(entry: object, layer: object, where: str, who: str) -> None:
@@ -373,7 +361,7 @@ def _as_factors(entry: object) -> object:
     if entry is None:
         return None
     if _is_factors(entry):
-        return _factors_type()(entry.g, entry.a)
+        return KroneckerFactors(entry.g, entry.a)
     return tuple(_as_factors(e) for e in entry)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -29,12 +28,7 @@ from purebp import preconditioning as pc
 RTOL = 1e-10
 
 
-class _Factors(NamedTuple):  # TEMPORARY: pb.KroneckerFactors once purebp.curvature is on main
-    g: jax.Array
-    a: jax.Array
-
-
-KroneckerFactors = getattr(pb, "KroneckerFactors", _Factors)
+KroneckerFactors = pb.KroneckerFactors
 
 
 def array(values, dtype=np.float64) -> jax.Array:
@@ -377,7 +371,7 @@ def test_kfac_curvature_that_does_not_match_the_updates_is_refused():
             opt.update(grads, None, curvature=curvature)
 
     refused(None, TypeError, r"update needs the curvature as a keyword")
-    refused(good[0], TypeError, r"the curvature must be a tuple with one entry per layer.*got (KroneckerFactors|_F)")
+    refused(good[0], TypeError, r"the curvature must be a tuple with one entry per layer.*got KroneckerFactors")
     refused(good[:3], ValueError, r"the network has 4 layers, the curvature 3 entries")
     refused((None,) + good[1:], ValueError, r"entry for layer 0 \(Conv1d\) is None but the layer has parameters")
     refused(good[:1] + (good[0],) + good[2:], ValueError, r"layer 1 \(Flatten\) is KroneckerFactors but .*None")
@@ -398,3 +392,20 @@ def test_kfac_refuses_layers_without_kronecker_factors_at_init():
     net = pb.Sequential((pb.Dense(ones((3, 4)), ones(3)), pb.LayerNorm(ones(3), ones(3))), (4,))
     with pytest.raises(TypeError, match=r"layer 1 \(LayerNorm\) has no Kronecker-factored curvature: K-FAC covers"):
         pc.kfac_preconditioner(0.1).init(net)
+
+
+def test_kfac_results_and_their_moving_average_are_taken_as_they_come():
+    """pb.kfac's tuple (float32) fits kfac_preconditioner and its averaged state (the same KroneckerFactors type)."""
+    net = pb.init_mlp(jax.random.key(0), (3, 4, 2), ("relu", "identity"))  # float32
+    rng = np.random.default_rng(15)
+    x, y = array(rng.normal(size=(8, 3)), np.float32), array(np.arange(8) % 2, np.int32)
+    factors = pb.kfac(net, x, y, loss="softmax_cross_entropy", key=jax.random.key(1))
+    grads = random_like(net, rng)
+    opt = pc.kfac_preconditioner(1e-3, decay=0.9)
+    updates, state = opt.update(grads, opt.init(net), net, curvature=factors)
+    assert jax.tree.structure(updates) == jax.tree.structure(net) and int(state.count) == 1
+    # the first averaged step is the step with the factors themselves (bias correction); float32 tolerance
+    plain, _ = pc.kfac_preconditioner(1e-3).update(grads, None, curvature=factors)
+    for u, p in zip(leaves(updates), leaves(plain)):
+        assert np.all(np.isfinite(u))
+        assert_close(u, p, rtol=1e-5)
