@@ -16,8 +16,10 @@ wanted) as any optax transformation::
 
 ``optax.chain`` hands ``curvature=`` only to the transformations that take
 extra arguments, so ``scale_by_learning_rate``, ``trace`` (momentum) and the
-rest are unaffected. Hyperparameters are Python numbers, checked when the
-transformation is built; the curvature is checked against the updates (tree
+rest are unaffected. Hyperparameters are numbers (or 0-d arrays), checked
+when the transformation is built; under ``optax.inject_hyperparams`` they are
+checked at ``init`` and traced afterwards, so a sweep over learning rates and
+dampings reuses one compiled program. The curvature is checked against the updates (tree
 structure, shapes, dtypes) when ``update`` is traced, before anything compiles.
 No autodiff: triangular solves and Cholesky factorisations from
 ``jax.numpy.linalg`` / ``jax.scipy.linalg``.
@@ -73,25 +75,37 @@ class KFACState(NamedTuple):
 # ---------------------------------------------------------------- hyperparameters, checked when built
 
 
-def _is_number(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+def _scalar(value: object, name: str, expected: str, who: str) -> float | Array | None:
+    """The hyperparameter as a float if it is concrete (then checked by the caller), as itself if it is traced.
+
+    Python numbers and 0-d arrays are accepted; a traced 0-d value (optax.inject_hyperparams passes its
+    hyperparameters into ``update`` as traced arrays; a sweep can pass them as arguments of one jitted
+    function) cannot be checked here: it was checked when it was concrete (``init``) or is the caller's.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating, np.ndarray, jax.Array)):
+        raise TypeError(f"{who}: {name} must be {expected}, got {value!r}")
+    if getattr(value, "ndim", 0) != 0 or not jnp.issubdtype(jnp.result_type(value), jnp.number):
+        raise TypeError(f"{who}: {name} must be {expected} (a scalar), got an array of shape {np.shape(value)}")
+    if isinstance(value, jax.core.Tracer):
+        return None
+    return float(value)
 
 
-def _check_damping(damping: object, who: str) -> float:
-    if not _is_number(damping):
-        raise TypeError(f"{who}: damping must be a non-negative Python number, got {damping!r}")
-    value = float(damping)
+def _check_damping(damping: object, who: str) -> float | Array:
+    value = _scalar(damping, "damping", "a non-negative number", who)
+    if value is None:
+        return damping  # traced: see _scalar
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{who}: damping must be a finite number >= 0, got {damping!r}")
     return value
 
 
-def _check_decay(decay: object, who: str) -> float | None:
+def _check_decay(decay: object, who: str) -> float | Array | None:
     if decay is None:
         return None
-    if not _is_number(decay):
-        raise TypeError(f"{who}: decay must be None or a number in [0, 1), got {decay!r}")
-    value = float(decay)
+    value = _scalar(decay, "decay", "None or a number in [0, 1)", who)
+    if value is None:
+        return decay  # traced: see _scalar
     if not 0.0 <= value < 1.0:  # NaN fails this too
         raise ValueError(f"{who}: decay must be in [0, 1) (None: no moving average), got {decay!r}")
     return value
@@ -164,7 +178,7 @@ def diag_ggn_preconditioner(damping: float, *, decay: float | None = None) -> op
     Monte-Carlo DiagGGN). Chain with ``optax.scale_by_learning_rate(lr)``:
     the descent step is then -lr grad / (diag G + damping).
 
-    ``damping`` >= 0 (a Python number): 0 divides by the bare curvature, which
+    ``damping`` >= 0 (a number): 0 divides by the bare curvature, which
     is 0 for a dead unit's weights (the step is then inf or NaN). ``decay``
     None uses each step's curvature as given; a number in [0, 1) averages it
     over steps (see the module docstring: bias-corrected EMA).
@@ -228,7 +242,7 @@ def kfac_solve(
 def _kfac_solve(g: Array, a: Array, dw: Array, db: Array, damping: Array, pi_damping: bool) -> tuple[Array, Array]:
     # one program per shape for eager callers (the damping is traced); inlined inside the caller's jit
     n_out, n_in = g.shape[0], a.shape[0]
-    root = jnp.sqrt(damping)
+    root = jnp.sqrt(damping)  # traced: one program serves every damping
     if pi_damping:
         trace_g, trace_a = jnp.trace(g) / n_out, jnp.trace(a) / n_in
         usable = (trace_g > 0) & (trace_a > 0)
@@ -391,7 +405,7 @@ def kfac_preconditioner(
     Tikhonov, with Martens & Grosse's pi when ``pi_damping``) are
     ``kfac_solve``'s. Chain with ``optax.scale_by_learning_rate(lr)``.
 
-    ``damping`` >= 0 (a Python number; 0 needs positive definite factors);
+    ``damping`` >= 0 (a number; 0 needs positive definite factors);
     ``decay`` None uses each step's factors as given, a number in [0, 1)
     averages g and a separately over steps (bias-corrected EMA; the usual
     K-FAC running estimate of the factors).
