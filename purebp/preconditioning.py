@@ -19,10 +19,10 @@ extra arguments, so ``scale_by_learning_rate``, ``trace`` (momentum) and the
 rest are unaffected. Hyperparameters are numbers (or 0-d arrays), checked
 when the transformation is built; under ``optax.inject_hyperparams`` they are
 checked at ``init`` and traced afterwards, so a sweep over learning rates and
-dampings reuses one compiled program. The curvature is checked against the updates (tree
-structure, shapes, dtypes) when ``update`` is traced, before anything compiles.
-No autodiff: triangular solves and Cholesky factorisations from
-``jax.numpy.linalg`` / ``jax.scipy.linalg``.
+dampings reuses one compiled program. The curvature is checked against the
+updates (tree structure, shapes, dtypes) when ``update`` is traced, before
+anything compiles. No autodiff: Cholesky factorisations and triangular solves
+from ``jax.scipy.linalg``.
 
 With ``decay`` set, both keep an exponential moving average of the curvature
 in their state, bias-corrected like Adam's moments (Kingma & Ba 2015, Alg. 1):
