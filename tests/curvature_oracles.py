@@ -311,7 +311,7 @@ class Oracle:
             if isinstance(layer, Residual):
                 return tuple(entry(inner) for inner in layer.layers)
             if jax.tree.leaves(layer):
-                raise ValueError(f"no Kronecker factors for {layer!r}")
+                raise RuntimeError(f"no Kronecker factors for {layer!r}")
             return None
 
         return tuple(entry(layer) for layer in stack(self.net))
