@@ -1,6 +1,6 @@
 """purebp: backpropagation written by hand from the delta equations, proven equal to jax.grad."""
 
-from purebp import curvature, rules
+from purebp import curvature, preconditioning, rules
 from purebp.backprop import BackpropTrace, alignment_angles, backprop_trace, forward, grad, value_and_grad
 from purebp.check import GradientReport, LayerReport, autodiff_value_and_grad, check_gradients, check_layer
 from purebp.checkpoint import Checkpoint, CheckpointError, describe_network, load_checkpoint, save_checkpoint
@@ -108,6 +108,7 @@ __all__ = [
     "mixed_value_and_grad",
     "per_example_grad_norms",
     "per_example_grads",
+    "preconditioning",
     "register_activation",
     "register_loss",
     "residual",

@@ -89,7 +89,7 @@ def _output_columns(
     mc_samples: int | None,
     key: Array | None,
 ) -> Array:
-    """sqrt(s) S_n as columns (M, N, C) at the point the backward pass starts from (z^L of a dense output layer).
+    """sqrt(s) S_n as columns (N, M, C) at the point the backward pass starts from (z^L of a dense output layer).
 
     Exact: M = C columns with S_n S_n^T = H_n. Monte Carlo: M = ``mc_samples``
     sampled gradients of the cost at a target drawn from the model, over sqrt(M),
@@ -104,32 +104,34 @@ def _output_columns(
     if loss in _CROSS_ENTROPIES:
         # H = t (diag p - p p^T), t = sum_j y_j: S = sqrt(t) (diag sqrt p - p sqrt(p)^T)
         probabilities = _activations.softmax(pre_activation)
-        mass = jnp.sqrt(jnp.sum(target, axis=-1))[None, :, None]
+        mass = jnp.sqrt(jnp.sum(target, axis=-1))[:, None, None]
         if mc_samples is None:
             root = jnp.sqrt(probabilities)
-            columns = eye[:, None, :] * root.T[:, :, None] - probabilities[None, :, :] * root.T[:, :, None]
+            columns = eye[None] * root[:, :, None] - root[:, :, None] * probabilities[:, None, :]  # [n, c, j]
         else:
             # dC/dz at a label drawn from softmax(z): p - e_yhat, with E[(p - e)(p - e)^T] = diag p - p p^T
-            drawn = jax.random.categorical(key, pre_activation, axis=-1, shape=(mc_samples, batch))
+            drawn = jax.random.categorical(key, pre_activation, axis=-1, shape=(mc_samples, batch)).T
             labels = jnp.arange(width, dtype=drawn.dtype)
-            columns = probabilities[None] - (drawn[:, :, None] == labels[None, None, :]).astype(dtype)
+            columns = probabilities[:, None, :] - (drawn[:, :, None] == labels[None, None, :]).astype(dtype)
         columns = mass * columns
     elif loss == "binary_cross_entropy":
         probabilities = output  # sigma(z^L); H = diag(sigma (1 - sigma)), whatever the target
         if mc_samples is None:
-            columns = eye[:, None, :] * jnp.sqrt(probabilities * (1.0 - probabilities)).T[:, :, None]
+            columns = eye[None] * jnp.sqrt(probabilities * (1.0 - probabilities))[:, :, None]
         else:
-            drawn = jax.random.bernoulli(key, probabilities, shape=(mc_samples, batch, width)).astype(dtype)
-            columns = probabilities[None] - drawn
+            chances = jnp.broadcast_to(probabilities[None], (mc_samples, batch, width))  # no rank promotion
+            drawn = jax.random.bernoulli(key, chances).astype(dtype)
+            columns = probabilities[:, None, :] - jnp.transpose(drawn, (1, 0, 2))
     else:  # mse: H = I with respect to the output a^L
         if mc_samples is None:
-            columns = jnp.broadcast_to(eye[:, None, :], (width, batch, width))
+            columns = jnp.broadcast_to(eye[None], (batch, width, width))
         else:
-            columns = jax.random.normal(key, (mc_samples, batch, width), dtype)  # a - yhat, yhat ~ N(a, I)
+            drawn = jax.random.normal(key, (mc_samples, batch, width), dtype)  # a - yhat, yhat ~ N(a, I)
+            columns = jnp.transpose(drawn, (1, 0, 2))
         if name is not None and name != "identity":
             # through the output activation to z^L: (BP1) column (.) G'(z^L), a Jacobian product for softmax
             activation = _activations.get(name)
-            columns = jax.vmap(activation.chain, in_axes=(0, None, None))(columns, pre_activation, output)
+            columns = jax.vmap(activation.chain, in_axes=(1, None, None), out_axes=1)(columns, pre_activation, output)
     if mc_samples is not None:
         columns = columns / np.asarray(mc_samples**0.5, dtype)
     return root_scale * columns
@@ -156,19 +158,21 @@ def _diagonal_columns(residual: Array) -> tuple[Array, Array]:
     flat = jnp.reshape(residual, (batch, -1))
     size = flat.shape[1]
     eye = jnp.eye(size, dtype=flat.dtype)
-    columns = eye[:, None, :] * jnp.sqrt(jnp.abs(flat)).T[:, :, None]  # column j of example n: sqrt|r_nj| e_j
-    return jnp.reshape(columns, (size, batch) + shape), jnp.sign(flat).T
+    columns = eye[None] * jnp.sqrt(jnp.abs(flat))[:, :, None]  # column j of example n: sqrt|r_nj| e_j
+    return jnp.reshape(columns, (batch, size) + shape), jnp.sign(flat)
 
 
 def _propagate(layer: object, cache: object, columns: Array) -> Array:
-    """dC/da^{l-1} for every column: the layer's own backward rule, once per column (it is linear in grad_out)."""
-    return jax.vmap(lambda column: layer.backward(cache, column)[0])(columns)
+    """dC/da^{l-1} for every column: the layer's column rule, or its backward rule once per column (linear in it)."""
+    if hasattr(layer, "backward_columns"):
+        return layer.backward_columns(cache, columns)
+    return jax.vmap(lambda column: layer.backward(cache, column)[0], in_axes=1, out_axes=1)(columns)
 
 
 def _join(columns: Array, weights: Array | None, more: Array, more_weights: Array) -> tuple[Array, Array]:
     if weights is None:
         weights = jnp.ones(columns.shape[:2], columns.dtype)
-    return jnp.concatenate([columns, more]), jnp.concatenate([weights, more_weights])
+    return jnp.concatenate([columns, more], axis=1), jnp.concatenate([weights, more_weights], axis=1)
 
 
 def _residual_of(layer: object, cache: object, grad_out: Array) -> Array | None:
@@ -182,7 +186,7 @@ def _residual_of(layer: object, cache: object, grad_out: Array) -> Array | None:
 
 
 def _sweep(layers, caches, columns, weights, visit, combine, *, grad_outs=None, propagate_first=True):
-    """Carry columns (M, N, ...) down ``layers`` from the top; return (columns at the input, weights, results).
+    """Carry columns (N, M, ...) down ``layers`` from the top; return (columns at the input, weights, results).
 
     ``visit(layer, cache, columns, weights)`` reads one layer; ``combine(block, results)``
     folds a residual block's body results. With ``grad_outs`` (what each layer's
@@ -200,21 +204,26 @@ def _sweep(layers, caches, columns, weights, visit, combine, *, grad_outs=None, 
             )
             results[index] = combine(layer, body)
             # Case 2: the incoming columns come back along the identity too; the body's own new ones do not
-            count = columns.shape[0]
-            columns = jnp.concatenate([body_columns[:count] + columns, body_columns[count:]])
+            count = columns.shape[1]
+            columns = jnp.concatenate([body_columns[:, :count] + columns, body_columns[:, count:]], axis=1)
             weights = body_weights
             continue
         residual = None if grad_outs is None else _residual_of(layer, cache, grad_outs[index])
         results[index] = visit(layer, cache, columns, weights)
         if residual is not None:
-            # the Hessian's own term at z^l: columns that already hold dC/dz, so they skip G'
+            # the Hessian's own term at z^l: columns sqrt|r_j| e_j that already hold dC/dz, so they skip G'
             linear = layer.linear()
-            more, more_weights = _diagonal_columns(residual)
-            own = visit(linear, cache, more, more_weights)  # a tree of the linear layer: same leaves, no G
+            if isinstance(layer, Dense):  # one-hot columns in closed form: no (n_out, N, n_out) products
+                own = linear.diagonal_sum_squared_grads(cache, residual)
+                more_weights = jnp.sign(jnp.reshape(residual, (residual.shape[0], -1)))
+                more = None if last else linear.diagonal_backward(residual)
+            else:
+                more, more_weights = _diagonal_columns(residual)
+                own = visit(linear, cache, more, more_weights)
+                more = None if last else _propagate(linear, cache, more)
+            # a tree of the linear layer: the same leaves as the layer's, its static G aside
             total = [a + b for a, b in zip(jax.tree.leaves(results[index]), jax.tree.leaves(own))]
             results[index] = jax.tree.unflatten(jax.tree.structure(results[index]), total)
-            if not last:
-                more = _propagate(linear, cache, more)
         if last:
             continue
         columns = _propagate(layer, cache, columns)
@@ -224,10 +233,10 @@ def _sweep(layers, caches, columns, weights, visit, combine, *, grad_outs=None, 
 
 
 def _squared_visit(layer: object, cache: object, columns: Array, weights: Array | None) -> object:
-    """sum_{m,n} w_mn (dC^{mn}/dtheta)^2 leaf by leaf, by the layer's rule or from its per-example gradients."""
+    """sum_{n,m} w_nm (dC^{nm}/dtheta)^2 leaf by leaf, by the layer's rule or from its per-example gradients."""
     if hasattr(layer, "sum_squared_grads"):
         return layer.sum_squared_grads(cache, columns, weights)
-    per_column = jax.vmap(layer.per_example_grads, in_axes=(None, 0))(cache, columns)
+    per_column = jax.vmap(layer.per_example_grads, in_axes=(None, 1), out_axes=1)(cache, columns)
 
     def reduce(leaf: Array) -> Array:
         squared = leaf * leaf
@@ -269,15 +278,24 @@ def _diagonal_jit(net, x, y, key, dropout_key, *, loss, reduction, mc_samples, h
     return _diagonal(net, x, y, loss, reduction, mc_samples, key, dropout_key, hessian)
 
 
+def _squares_of_grads(layers, caches, grad_outs) -> list:
+    """sum_n ghat_n^2 per layer from what each layer's backward got in the first-order pass (one column each)."""
+    results = []
+    for layer, cache, grad_out in zip(layers, caches, grad_outs):
+        if isinstance(layer, Residual):
+            body_grad_outs = layer.body_backward(cache, grad_out)[2]
+            results.append(Residual(tuple(_squares_of_grads(layer.layers, cache, body_grad_outs))))
+        else:
+            results.append(_squared_visit(layer, cache, grad_out[:, None], None))
+    return results
+
+
 def _statistics(net, x, y, loss, reduction, dropout_key):
-    """(sum_n ghat_n^2, sum_n ghat_n) with ghat_n = s g_n: one column per example, delta itself."""
+    """(sum_n ghat_n^2, sum_n ghat_n) with ghat_n = s g_n, from the deltas of one ordinary backward pass."""
     output, caches = _backprop.forward_pass(net, x, dropout_key)
     _, delta = _backprop.loss_and_output_delta(net, output, caches, y, loss=loss, reduction=reduction)
-    grads, _ = _backprop.backward_pass(net, caches, delta)
-    _, _, results = _sweep(
-        _top_layers(net), caches, delta[None], None, _squared_visit, _residual_tree, propagate_first=False
-    )
-    return like(net, results), grads
+    grads, grad_outs = _backprop.backward_pass(net, caches, delta)
+    return like(net, _squares_of_grads(_top_layers(net), caches, grad_outs)), grads
 
 
 @functools.partial(jax.jit, static_argnames=("loss", "reduction", "variance"))
@@ -333,11 +351,11 @@ def _ggn_vector_product_jit(net, x, y, v, dropout_key, *, loss, reduction):
     collect(layers, stack(v))
 
     def dot_visit(layer, cache, columns, weights):
-        # <dC^{mn}/dtheta^l, v^l>: the layer's rule, or its per-example gradients dotted with v^l
+        # <dC^{nm}/dtheta^l, v^l>: the layer's rule, or its per-example gradients dotted with v^l
         tangent = tangents[id(layer)]
         if hasattr(layer, "grad_dot"):
             return layer.grad_dot(cache, columns, tangent)
-        per_column = jax.vmap(layer.per_example_grads, in_axes=(None, 0))(cache, columns)
+        per_column = jax.vmap(layer.per_example_grads, in_axes=(None, 1), out_axes=1)(cache, columns)
         total = jnp.zeros(columns.shape[:2], columns.dtype)
         for leaf, direction in zip(jax.tree.leaves(per_column), jax.tree.leaves(tangent)):
             total = total + jnp.sum(jnp.reshape(leaf * direction, leaf.shape[:2] + (-1,)), axis=2)
@@ -347,9 +365,9 @@ def _ggn_vector_product_jit(net, x, y, v, dropout_key, *, loss, reduction):
         return sum(part for part in body if part is not None)
 
     _, _, dots = _sweep(layers, caches, columns, None, dot_visit, add_body, propagate_first=False)
-    projected = sum(part for part in dots if part is not None)  # (S_n^T J_n v)_m, (M, N)
-    # G v = sum_n J_n^T S_n (S_n^T J_n v): one backward pass from sum_m (S^T J v)_mn S_mn
-    start = jnp.einsum("mn,mn...->n...", projected, columns)
+    projected = sum(part for part in dots if part is not None)  # (S_n^T J_n v)_m, (N, M)
+    # G v = sum_n J_n^T S_n (S_n^T J_n v): one backward pass from sum_m (S^T J v)_nm S_nm
+    start = jnp.einsum("nm,nm...->n...", projected, columns)
     product, _ = _backprop.backward_pass(net, caches, start)
     return product
 
@@ -411,7 +429,7 @@ def _validate(net: AnyNetwork, x, y, loss: str, reduction: str, quantity: str) -
         if output is not None and not output.piecewise_linear and output.second_derivative is None:
             raise ValueError(
                 f"diag_hessian: mse on a {name!r} output layer: that activation has no second derivative G'' "
-                "registered, so its Hessian term is unknown"
+                "registered, so its Hessian term is unknown (register it with second_derivative=...)"
             )
 
 
@@ -433,7 +451,7 @@ def _check_hessian_layer(path: tuple[int, ...], layer: object, known: bool) -> N
         if not activation.piecewise_linear and activation.second_derivative is None:
             raise ValueError(
                 f"diag_hessian: {name}: activation {layer.activation!r} has no second derivative G'' registered, "
-                "so its Hessian term is unknown"
+                "so its Hessian term is unknown (register it with second_derivative=...)"
             )
 
 

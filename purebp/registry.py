@@ -27,14 +27,17 @@ def register_activation(
     forward: Callable[[Array], Array],
     derivative: Callable[[Array], Array],
     *,
+    second_derivative: Callable[[Array], Array] | None = None,
     overwrite: bool = False,
 ) -> _activations.Activation:
-    """Register an elementwise activation ``G = forward`` with ``G' = derivative``.
+    """Register an elementwise activation ``G = forward`` with ``G' = derivative`` (and optionally G'').
 
     ``derivative(z)`` must return G'(z) elementwise. Before it is accepted it is
     compared with ``jax.grad(forward)`` at sample points in [-6, 6] (see
     ``purebp.check.check_activation_derivative``); a wrong derivative raises
-    ValueError naming the worst point. Replacing a registered name needs
+    ValueError naming the worst point. ``second_derivative(z)``, G''(z)
+    elementwise, is what ``purebp.diag_hessian`` needs for this activation;
+    it is checked the same way against ``jax.grad(derivative)``. Replacing a registered name needs
     ``overwrite=True`` and clears every compiled program. Returns the
     registered ``Activation``.
     """
@@ -46,8 +49,20 @@ def register_activation(
         raise ValueError(f"activation {name!r} is already registered; pass overwrite=True to replace it")
     if not callable(forward) or not callable(derivative):
         raise TypeError("forward and derivative must both be callables of one array")
+    if second_derivative is not None and not callable(second_derivative):
+        raise TypeError(f"second_derivative must be a callable of one array or None, got {second_derivative!r}")
     _check.check_activation_derivative(name, forward, derivative)
-    activation = _activations.Activation(name, forward, lambda z, a: derivative(z))
+    if second_derivative is not None:
+        # G'' against jax.grad of the G' just accepted
+        _check.check_activation_derivative(
+            f"{name}: second_derivative vs jax.grad of its derivative", derivative, second_derivative
+        )
+    activation = _activations.Activation(
+        name,
+        forward,
+        lambda z, a: derivative(z),
+        second_derivative=None if second_derivative is None else (lambda z, a: second_derivative(z)),
+    )
     _activations.install(activation, overwrite=overwrite)
     return activation
 

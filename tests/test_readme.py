@@ -103,3 +103,20 @@ def test_learning_rules_example_runs(background):
     result = run_block(background, "## Learning rules other than backprop")
     assert result.returncode == 0, result.stderr
     assert "update vs gradient, per layer (degrees):" in result.stdout and "accuracy" in result.stdout
+
+
+@in_background("## More from one backward pass: curvature and gradient statistics")
+def test_curvature_example_runs(background):
+    """The three uses of the curvature quantities run as written and print what the comments say."""
+    result = run_block(background, "## More from one backward pass: curvature and gradient statistics")
+    assert result.returncode == 0, result.stderr
+    assert "W1 block ~ kron(g, a): (32, 32) (64, 64)" in result.stdout
+    assert "median SNR of W1:" in result.stdout and "GGN-CG step norm:" in result.stdout
+
+
+@in_background("### One use that shows why: curvature as an optax preconditioner")
+def test_preconditioner_example_runs(background):
+    """The diagonal-GGN and K-FAC preconditioners as optax transformations: 20 K-FAC steps lower the loss."""
+    result = run_block(background, "### One use that shows why: curvature as an optax preconditioner")
+    assert result.returncode == 0, result.stderr
+    assert "K-FAC, 20 steps: loss" in result.stdout

@@ -117,15 +117,29 @@ class Conv1d:
         grad_b = jnp.sum(delta, axis=2)
         return Conv1d(grad_w_sq, jnp.sum(grad_b * grad_b, axis=1), self.stride, self.padding, self.activation)
 
-    # ---- more from the same pass (purebp.curvature): columns (M, N, C_out, L_out), weights (M, N) or None
+    # ---- more from the same pass (purebp.curvature): columns (N, M, C_out, L_out), weights (N, M) or None
 
     def linear(self) -> Conv1d:
         """The same weights with the identity activation: columns that already hold dC/dz^l."""
         return dataclasses.replace(self, activation="identity")
 
     def column_deltas(self, cache: ConvCache, columns: Array) -> Array:
-        """(BP1)/(BP2) for every column: delta_mn = column_mn (.) G'(z^l_n), shape (M, N, C_out, L_out)."""
-        return jax.vmap(self.delta, in_axes=(None, 0))(cache, columns)
+        """(BP1)/(BP2) for every column: delta_nm = column_nm (.) G'(z^l_n), shape (N, M, C_out, L_out)."""
+        if self.activation == "identity":
+            return columns
+        # z^l_n and a^l_n broadcast over the M columns of example n
+        return _activations.get(self.activation).chain(
+            columns, cache.pre_activation[:, None], cache.activation[:, None]
+        )
+
+    def backward_columns(self, cache: ConvCache, columns: Array) -> Array:
+        """(BP2) for every column: dC^{nm}/da^{l-1} = W^l *^T delta_nm, shape (N, M, C_in, L)."""
+        delta = self.column_deltas(cache, columns)
+        batch, count = delta.shape[:2]
+        grad_windows = jnp.einsum("oik,nmot->nmikt", self.w, delta)
+        flat = jnp.reshape(grad_windows, (batch * count,) + grad_windows.shape[2:])
+        grad_in = overlap_add(flat, cache.input_length, self.stride, self.padding)
+        return jnp.reshape(grad_in, (batch, count) + grad_in.shape[1:])
 
     def sum_squared_grads(self, cache: ConvCache, columns: Array, weights: Array | None = None) -> Conv1d:
         """sum_{m,n} w_mn (dC^{mn}/dtheta)^2, dC^{mn}/dW[o,i,k] = sum_t delta_mn[o,t] u_n[i,k,t] (BP4).
@@ -138,16 +152,16 @@ class Conv1d:
         delta = self.column_deltas(cache, columns)
         weighted = delta if weights is None else weights[:, :, None, None] * delta
         u = cache.windows
-        count, _, out_channels, positions = delta.shape
+        _, count, out_channels, positions = delta.shape
         in_channels, kernel = u.shape[1], u.shape[2]
         explicit = count * out_channels * in_channels * kernel * positions
         gram = positions * positions * (count * out_channels + out_channels * in_channels * kernel)
         if gram < explicit:
-            delta_gram = jnp.einsum("mnot,mnou->notu", weighted, delta)
+            delta_gram = jnp.einsum("nmot,nmou->notu", weighted, delta)
             half = jnp.einsum("notu,niku->noikt", delta_gram, u)
             grad_w = jnp.einsum("noikt,nikt->oik", half, u)
         else:
-            per_column = jnp.einsum("mnot,nikt->mnoik", delta, u)  # (BP4) for one column and example
+            per_column = jnp.einsum("nmot,nikt->nmoik", delta, u)  # (BP4) for one example and column
             squared = per_column * per_column
             if weights is not None:
                 squared = weights[:, :, None, None, None] * squared
@@ -157,23 +171,26 @@ class Conv1d:
         return Conv1d(grad_w, jnp.sum(squared_b, axis=(0, 1)), self.stride, self.padding, self.activation)
 
     def kronecker_factors(self, cache: ConvCache, columns: Array) -> tuple[Array, Array]:
-        """(g, a) as BackPACK's KFAC for convolutions: g = sum_{m,n,t} delta delta^T, a = (1/N) sum_{n,t} u u^T.
+        """(g, a) as BackPACK's KFAC for convolutions: g = sum_{n,m} d_nm d_nm^T, a = (1/N) sum_{n,t} u_nt u_nt^T.
 
-        u_{nt} is the input window at position t flattened in (channel, kernel) order, so kron(g, a)
-        approximates the curvature block of ``w.reshape(C_out, -1)`` flattened row-major.
+        d_nm = sum_t delta_nm[:, t] is the column's bias gradient (BP3), so the bias block is g
+        exactly, as for a dense layer; u_nt is the input window at position t flattened in
+        (channel, kernel) order, and kron(g, a) approximates the curvature block of
+        ``w.reshape(C_out, -1)`` flattened row-major.
         """
         delta = self.column_deltas(cache, columns)
-        g = jnp.einsum("mnot,mnpt->op", delta, delta)
+        summed = jnp.sum(delta, axis=3)  # (BP3) per example and column: sum over positions
+        g = jnp.einsum("nmo,nmp->op", summed, summed)
         u = cache.windows
         flat = jnp.reshape(u, (u.shape[0], -1, u.shape[3]))  # (N, C_in K, L_out)
         a = jnp.einsum("nit,njt->ij", flat, flat) / np.asarray(u.shape[0], u.dtype)
         return g, a
 
     def grad_dot(self, cache: ConvCache, columns: Array, tangent: Conv1d) -> Array:
-        """<dC^{mn}/dtheta, tangent> per column and example, (M, N): sum_{o,t} delta_mn[o,t] (V * a_n + v_b)[o,t]."""
+        """<dC^{mn}/dtheta, tangent> per example and column, (N, M): sum_{o,t} delta_nm[o,t] (V * a_n + v_b)[o,t]."""
         delta = self.column_deltas(cache, columns)
         moved = jnp.einsum("oik,nikt->not", tangent.w, cache.windows) + tangent.b[None, :, None]
-        return jnp.einsum("mnot,not->mn", delta, moved)
+        return jnp.einsum("nmot,not->nm", delta, moved)
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         w, b = self.w, self.b

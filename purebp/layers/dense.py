@@ -70,33 +70,54 @@ class Dense:
         return Dense(delta_sq * jnp.sum(cache.input * cache.input, axis=1), delta_sq, self.activation)
 
     # ---- more from the same pass (purebp.curvature): columns are M backpropagated vectors per example,
-    # shape (M, N, n_out), each a dC/da^l of its own; weights (M, N) or None (all +1)
+    # shape (N, M, n_out), each a dC/da^l of its own; weights (N, M) or None (all +1)
 
     def column_deltas(self, cache: DenseCache, columns: Array) -> Array:
-        """(BP1)/(BP2) for every column: delta_mn = column_mn (.) G'(z^l_n), shape (M, N, n_out)."""
-        return jax.vmap(self.delta, in_axes=(None, 0))(cache, columns)
+        """(BP1)/(BP2) for every column: delta_nm = column_nm (.) G'(z^l_n), shape (N, M, n_out)."""
+        if self.activation == "identity":
+            return columns
+        # z^l_n and a^l_n broadcast over the M columns of example n
+        return _activations.get(self.activation).chain(
+            columns, cache.pre_activation[:, None, :], cache.activation[:, None, :]
+        )
+
+    def backward_columns(self, cache: DenseCache, columns: Array) -> Array:
+        """(BP2) for every column: dC^{nm}/da^{l-1} = (W^l)^T delta_nm, shape (N, M, n_in)."""
+        return self.column_deltas(cache, columns) @ self.w
 
     def sum_squared_grads(self, cache: DenseCache, columns: Array, weights: Array | None = None) -> Dense:
-        """sum_{m,n} w_mn (dC^{mn}/dtheta)^2 by leaf: dC^{mn}/dW = delta_mn a_n^T (BP4), dC^{mn}/db = delta_mn (BP3)."""
+        """sum_{n,m} w_nm (dC^{nm}/dtheta)^2 by leaf: dC^{nm}/dW = delta_nm a_n^T (BP4), dC^{nm}/db = delta_nm (BP3)."""
         delta = self.column_deltas(cache, columns)
         squared = delta * delta if weights is None else weights[:, :, None] * delta * delta
-        per_unit = jnp.sum(squared, axis=0)  # q_n = sum_m w_mn delta_mn^2, (N, n_out)
-        # sum_{m,n} w_mn (delta_mn a_n^T)^2 = sum_n q_n (a_n^2)^T: one product, no per-example gradient
+        per_unit = jnp.sum(squared, axis=1)  # q_n = sum_m w_nm delta_nm^2, (N, n_out)
+        # sum_{n,m} w_nm (delta_nm a_n^T)^2 = sum_n q_n (a_n^2)^T: one product, no per-example gradient
         grad_w = per_unit.T @ (cache.input * cache.input)
         return Dense(grad_w, jnp.sum(per_unit, axis=0), self.activation)
 
+    def diagonal_sum_squared_grads(self, cache: DenseCache, residual: Array) -> Dense:
+        """``sum_squared_grads`` of the columns sqrt|r_nj| e_j at z^l with signs sign(r_nj), in closed form.
+
+        Column j of example n has delta = sqrt|r_nj| e_j, so the signed sum of its squared
+        (BP4) outer products is r_nj (a_n^2)^T in row j: r^T (a^2), and sum_n r for b.
+        """
+        return Dense(residual.T @ (cache.input * cache.input), jnp.sum(residual, axis=0), self.activation)
+
+    def diagonal_backward(self, residual: Array) -> Array:
+        """(BP2) for columns sqrt|r_nj| e_j at z^l: (W^l)^T sqrt|r_nj| e_j = sqrt|r_nj| W^l[j, :], (N, n_out, n_in)."""
+        return jnp.sqrt(jnp.abs(residual))[:, :, None] * self.w[None, :, :]
+
     def kronecker_factors(self, cache: DenseCache, columns: Array) -> tuple[Array, Array]:
-        """(g, a): g = sum_{m,n} delta_mn delta_mn^T (n_out, n_out), a = (1/N) sum_n a_n a_n^T (n_in, n_in)."""
+        """(g, a): g = sum_{n,m} delta_nm delta_nm^T (n_out, n_out), a = (1/N) sum_n a_n a_n^T (n_in, n_in)."""
         delta = self.column_deltas(cache, columns)
         flat = jnp.reshape(delta, (-1, delta.shape[-1]))
         inputs = cache.input
         return flat.T @ flat, (inputs.T @ inputs) / np.asarray(inputs.shape[0], inputs.dtype)
 
     def grad_dot(self, cache: DenseCache, columns: Array, tangent: Dense) -> Array:
-        """<dC^{mn}/dtheta, tangent> for every column and example, (M, N): delta_mn . (V a_n + v_b)."""
+        """<dC^{nm}/dtheta, tangent> for every example and column, (N, M): delta_nm . (V a_n + v_b)."""
         delta = self.column_deltas(cache, columns)
         moved = cache.input @ tangent.w.T + tangent.b[None, :]  # the change of z^l_n along the tangent
-        return jnp.einsum("mno,no->mn", delta, moved)
+        return jnp.einsum("nmo,no->nm", delta, moved)
 
     def linear(self) -> Dense:
         """The same weights with the identity activation: the output layer once delta^L is fused with the cost."""
