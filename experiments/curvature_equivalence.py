@@ -11,7 +11,8 @@ upcast exactly for the float32 runs):
 
 - sum_grad_squared, grad_variance, diag_ggn, diag_hessian, ggn_vector_product
   (a random Gaussian v): trees like the network;
-- kflr: every layer's g and a against their defining sums, and where kron(g, a)
+- kflr: every layer's g and a against their defining sums (conv: g from the backpropagated
+  columns summed over positions, BackPACK's convention), and where kron(g, a)
   is exact (N = 1, dense layers and single-position convs) kron(g, a) against the
   GGN block of vec(W) ("kflr exact block");
 - kfac a (deterministic, = kflr's a);

@@ -19,9 +19,11 @@ per-example cost, H_n = d^2 C^n / df^2 (``jax.hessian``), J_n = df_n/dtheta
 - Hessian of L = s sum_n C^n (``jax.hessian``, P x P): diag_hessian
 - sum_grad_squared = sum_n (s g_n)^2, grad_variance = (1/N) sum_n (s g_n - mean)^2
 - kflr per dense/conv layer: a = (1/N) sum_n a_n a_n^T (dense input; for conv the
-  flattened windows u_nt, summed over positions t too), g = s sum_n J_{z,n}^T H_n J_{z,n}
-  (summed over positions for conv), with J_{z,n} = df_n/dz^l_n taken by adding a zero
-  perturbation eps^l to z^l and differentiating w.r.t. it (works inside residual bodies).
+  flattened windows u_nt, summed over positions t too), g = s sum_n J_{z,n}^T H_n J_{z,n},
+  with J_{z,n} = df_n/dz^l_n taken by adding a zero perturbation eps^l to z^l and
+  differentiating w.r.t. it (works inside residual bodies); for conv J_{z,n} is first
+  summed over the output positions (BackPACK's convolution factor, purebp's since
+  c46132b: g is then the bias block exactly, as for a dense layer).
 - ``mc_diag_ggn``: the same Monte Carlo estimator the contract describes, written here,
   to validate the statistical bounds the tests put on the library's estimator.
 """
@@ -295,8 +297,10 @@ class Oracle:
             if jz.ndim == 3:  # dense: (N, k, n_out), u (N, n_in)
                 g = self.s * np.einsum("nki,nkl,nlj->ij", jz, self.raw["H"], jz)
                 a = u.T @ u / self.batch
-            else:  # conv: (N, k, C_out, T), u (N, T, C_in K)
-                g = self.s * np.einsum("nkit,nkl,nljt->ij", jz, self.raw["H"], jz)
+            else:  # conv: (N, k, C_out, T), u (N, T, C_in K); g from J summed over positions (BackPACK's KFAC/KFLR
+                # convolution factor, which makes the bias block g exactly), a summed over positions
+                summed = jz.sum(axis=3)
+                g = self.s * np.einsum("nki,nkl,nlj->ij", summed, self.raw["H"], summed)
                 a = np.einsum("nti,ntj->ij", u, u) / self.batch
             out.append(Factors(g, a))
         return out

@@ -230,7 +230,7 @@ def _check_kflr(case: Curvy, oracle: co.Oracle, result) -> None:
 
 def _check_exact_blocks(case: Curvy, oracle: co.Oracle, result) -> None:
     """Where kron(g, a) is exact (N = 1: dense layers, conv layers with one output position) it is the GGN block;
-    the bias block is g exactly for every dense layer and any N."""
+    the bias block is g exactly for every dense and conv layer and any N."""
     factors = jax.tree.leaves(result, is_leaf=lambda t: isinstance(t, pb.KroneckerFactors))
     layers = [layer for layer in _param_layers(case.net)]
     assert len(factors) == len(layers) == len(oracle.parameter_slices())
@@ -238,10 +238,8 @@ def _check_exact_blocks(case: Curvy, oracle: co.Oracle, result) -> None:
     for index, ((w_slice, b_slice), (g, a), layer, jz) in enumerate(
         zip(oracle.parameter_slices(), factors, layers, oracle.raw["Jz"])
     ):
-        dense = isinstance(layer, Dense)
-        if dense:
-            errors += co.relative_errors(np.asarray(g), oracle.ggn_block(b_slice), floor=0.0)
-        positions = 1 if dense else jz.shape[-1]
+        errors += [(f"layer {index} g vs GGN[b]", e) for _, e in co.relative_errors(g, oracle.ggn_block(b_slice))]
+        positions = 1 if isinstance(layer, Dense) else jz.shape[-1]
         if case.x.shape[0] == 1 and positions == 1:
             block = oracle.ggn_block(w_slice)
             errors += [
