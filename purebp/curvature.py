@@ -358,7 +358,8 @@ def _ggn_vector_product_jit(net, x, y, v, dropout_key, *, loss, reduction):
         per_column = jax.vmap(layer.per_example_grads, in_axes=(None, 1), out_axes=1)(cache, columns)
         total = jnp.zeros(columns.shape[:2], columns.dtype)
         for leaf, direction in zip(jax.tree.leaves(per_column), jax.tree.leaves(tangent)):
-            total = total + jnp.sum(jnp.reshape(leaf * direction, leaf.shape[:2] + (-1,)), axis=2)
+            moved = jnp.reshape(direction, (1, 1) + direction.shape)  # broadcast over examples and columns
+            total = total + jnp.sum(jnp.reshape(leaf * moved, leaf.shape[:2] + (-1,)), axis=2)
         return total
 
     def add_body(block, body):
