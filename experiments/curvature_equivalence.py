@@ -189,6 +189,19 @@ def run_trial(spec) -> list[dict]:
         "seed": spec.seed,
     }
     rows = []
+
+    def unmeasured(quantity: str, limit: float, status: str, message: str) -> dict:
+        # a row without an error value: refused as the contract says, not applicable, or a failure
+        return {
+            **base,
+            "quantity": quantity,
+            "leaf": "",
+            "error": math.nan,
+            "limit": limit,
+            "status": status,
+            "message": message,
+        }
+
     for quantity in QUANTITIES:
         refused = _refusal(spec, quantity)
         limit = MC_Z if quantity.endswith("MC") else tolerance
@@ -196,56 +209,16 @@ def run_trial(spec) -> list[dict]:
             errors = _quantity_errors(quantity, case, oracle, options, dtype, floor)
         except ValueError as error:
             status = "refused" if refused else "error"
-            rows.append(
-                {
-                    **base,
-                    "quantity": quantity,
-                    "leaf": "",
-                    "error": math.nan,
-                    "limit": limit,
-                    "status": status,
-                    "message": str(error)[:200],
-                }
-            )
+            rows.append(unmeasured(quantity, limit, status, str(error)[:200]))
             continue
         except Exception as error:  # any other failure is a finding: recorded and counted
-            rows.append(
-                {
-                    **base,
-                    "quantity": quantity,
-                    "leaf": "",
-                    "error": math.nan,
-                    "limit": limit,
-                    "status": "error",
-                    "message": f"{type(error).__name__}: {str(error)[:200]}",
-                }
-            )
+            rows.append(unmeasured(quantity, limit, "error", f"{type(error).__name__}: {str(error)[:200]}"))
             continue
         if not errors and not refused:  # kflr exact block on N > 1: not applicable
-            rows.append(
-                {
-                    **base,
-                    "quantity": quantity,
-                    "leaf": "",
-                    "error": math.nan,
-                    "limit": limit,
-                    "status": "n/a",
-                    "message": "kron(g, a) is exact only for N = 1",
-                }
-            )
+            rows.append(unmeasured(quantity, limit, "n/a", "kron(g, a) is exact only for N = 1"))
             continue
         if refused:
-            rows.append(
-                {
-                    **base,
-                    "quantity": quantity,
-                    "leaf": "",
-                    "error": math.nan,
-                    "limit": limit,
-                    "status": "error",
-                    "message": "expected a ValueError, got a result",
-                }
-            )
+            rows.append(unmeasured(quantity, limit, "error", "expected a ValueError, got a result"))
             continue
         for leaf, error in errors:
             rows.append(

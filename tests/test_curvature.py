@@ -17,7 +17,6 @@ Networks are tiny and few: each architecture costs one compile per function.
 from __future__ import annotations
 
 import ast
-import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_log import compiles
 from hypothesis import given, settings
 from jax._src.interpreters import ad
 
@@ -476,22 +476,6 @@ def _all_quantities(net, x, y, v, key, *, loss, reduction):
     }
 
 
-@contextlib.contextmanager
-def _compiles():
-    """Collect the names of the programs XLA compiles inside the block (jax.monitoring, as test_training_resume)."""
-    names: list[str] = []
-
-    def listener(event, seconds, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            names.append(kwargs.get("fun_name", "?"))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield names
-    finally:
-        jax._src.monitoring.unregister_event_duration_listener(listener)
-
-
 # on the two-layer MLP whose eager programs the Monte Carlo tests compile (mc_samples=1 there too)
 def test_under_a_users_jit_the_numbers_are_the_same():
     case = fixed("mlp-tanh-softmax_ce-soft-labels-sum")
@@ -510,7 +494,7 @@ def test_new_weights_of_the_same_shapes_do_not_recompile():
     v, key = _random_tangent(first.net), jax.random.key(0)
     options = dict(loss=first.loss, reduction=first.reduction)
     _all_quantities(*first.args, v, key, **options)  # compiled here, or earlier in the session
-    with _compiles() as names:
+    with compiles() as names:
         results = _all_quantities(*second.args, v, jax.random.key(1), **options)
         jax.block_until_ready(results)
     assert names == [], names
@@ -535,7 +519,7 @@ def test_bad_input_is_refused_with_a_clear_error_before_compiling():
     leaves, tree = jax.tree.flatten(case.net)
     transposed = jax.tree.unflatten(tree, [jnp.asarray(np.asarray(leaves[0]).T), *leaves[1:]])
     single = jax.tree.unflatten(tree, [leaves[0], jnp.asarray(np.asarray(leaves[1], np.float32)), *leaves[2:]])
-    with _compiles() as names:
+    with compiles() as names:
         for function in (pb.sum_grad_squared, pb.grad_variance, pb.diag_ggn, pb.diag_hessian, pb.kflr):
             with pytest.raises(ValueError, match="unknown loss 'hinge'"):
                 function(*args, loss="hinge")

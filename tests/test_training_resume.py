@@ -6,7 +6,6 @@ counted with jax.monitoring's backend-compile events, by function name.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from compile_log import compiles
 
 import purebp as pb
 from purebp.testing import CaseSpec, make_case
@@ -30,22 +30,6 @@ def _classification(n=96, seed=0):
 def _assert_identical(a, b):
     for i, (x, y) in enumerate(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)):
         assert np.array_equal(np.asarray(x), np.asarray(y)), f"leaf {i} differs"
-
-
-@contextlib.contextmanager
-def _compiles():
-    """Yield a list that collects the names of the programs XLA compiles inside the block."""
-    names: list[str] = []
-
-    def listener(event, seconds, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            names.append(kwargs.get("fun_name", "?"))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield names
-    finally:
-        jax._src.monitoring.unregister_event_duration_listener(listener)
 
 
 OPTIONS = dict(loss="softmax_cross_entropy", batch_size=16, key=jax.random.key(5))  # 96 // 16: 6 steps per epoch
@@ -81,7 +65,7 @@ def test_resume_says_when_it_starts_fresh_and_when_there_is_nothing_to_do(tmp_pa
     assert messages[0] == f"no checkpoint at {path}: starting fresh", messages
     assert re.fullmatch(r"gradient check passed: .* max relative error \S+ \(tolerance 1e-05\)", messages[1])
     messages.clear()
-    with _compiles() as compiled:
+    with compiles() as compiled:
         again, history = pb.fit(net, (x, y), steps=9, checkpoint=path, resume=True, log=messages.append, **OPTIONS)
     assert messages == [f"{path} already holds all 9 steps: nothing to do"]
     assert not any("_run_epoch_jit" in name for name in compiled)
@@ -139,7 +123,7 @@ def test_a_learning_rate_sweep_compiles_the_epoch_once():
     options = OPTIONS | dict(epochs=2)
     pb.fit(net, (x, y), optimizer=pb.make_optimizer("adam", 1e-3), **options)  # compiles
     results = []
-    with _compiles() as compiled:
+    with compiles() as compiled:
         for rate in (2e-3, 5e-3, 1e-2):
             results.append(pb.fit(net, (x, y), optimizer=pb.make_optimizer("adam", rate), **options)[0])
             results.append(
@@ -157,7 +141,7 @@ def test_a_learning_rate_sweep_compiles_the_epoch_once():
 def test_a_seed_sweep_compiles_the_epoch_once():
     net, x, y = _classification()
     pb.fit(net, (x, y), optimizer=pb.make_optimizer("sgd", 0.1), **(OPTIONS | dict(epochs=1)))
-    with _compiles() as compiled:
+    with compiles() as compiled:
         nets = [
             pb.fit(net, (x, y), optimizer=pb.make_optimizer("sgd", 0.1), **(OPTIONS | dict(epochs=1, key=key)))[0]
             for key in (jax.random.key(1), jax.random.key(2))
@@ -169,7 +153,7 @@ def test_a_seed_sweep_compiles_the_epoch_once():
 def test_a_different_optimizer_never_reuses_the_old_program():
     net, x, y = _classification()
     options = OPTIONS | dict(epochs=1)
-    with _compiles() as compiled:
+    with compiles() as compiled:
         sgd, _ = pb.fit(net, (x, y), optimizer=optax.sgd(0.137), **options)
         other, _ = pb.fit(net, (x, y), optimizer=optax.sgd(0.311), **options)  # the rate is a constant here
     assert sum("_run_epoch_jit" in name for name in compiled) == 2, compiled
