@@ -60,7 +60,7 @@ Array = jax.Array
 CURVATURE_LOSSES = ("mse", "cross_entropy", "softmax_cross_entropy", "binary_cross_entropy")
 _CROSS_ENTROPIES = ("cross_entropy", "softmax_cross_entropy")
 _PARAMETERLESS = (Dropout, Flatten, MaxPool1d, AvgPool1d)
-_KRONECKER_KINDS = (Dense, Conv1d)
+_AFFINE_KINDS = (Dense, Conv1d)  # an affine map then an elementwise G: Kronecker factors, Hessian terms
 
 
 class KroneckerFactors(NamedTuple):
@@ -177,7 +177,7 @@ def _join(columns: Array, weights: Array | None, more: Array, more_weights: Arra
 
 def _residual_of(layer: object, cache: object, grad_out: Array) -> Array | None:
     """r = dL/da^l (.) G''(z^l) for a dense or conv layer with a curved activation, else None."""
-    if not isinstance(layer, _KRONECKER_KINDS):
+    if not isinstance(layer, _AFFINE_KINDS):
         return None
     activation = _activations.get(layer.activation)
     if activation.piecewise_linear:
@@ -213,7 +213,7 @@ def _sweep(layers, caches, columns, weights, visit, combine, *, grad_outs=None, 
         if residual is not None:
             # the Hessian's own term at z^l: columns sqrt|r_j| e_j that already hold dC/dz, so they skip G'
             linear = layer.linear()
-            if isinstance(layer, Dense):  # one-hot columns in closed form: no (n_out, N, n_out) products
+            if hasattr(linear, "diagonal_backward"):  # one-hot columns in closed form (Dense): no (N, P, P) products
                 own = linear.diagonal_sum_squared_grads(cache, residual)
                 more_weights = jnp.sign(jnp.reshape(residual, (residual.shape[0], -1)))
                 more = None if last else linear.diagonal_backward(residual)
@@ -314,7 +314,7 @@ def _statistics_jit(net, x, y, dropout_key, *, loss, reduction, variance):
 
 
 def _kronecker_visit(layer: object, cache: object, columns: Array, weights: Array | None) -> KroneckerFactors | None:
-    if isinstance(layer, _KRONECKER_KINDS):
+    if isinstance(layer, _AFFINE_KINDS):
         return KroneckerFactors(*layer.kronecker_factors(cache, columns))
     return None
 
@@ -401,7 +401,7 @@ def _validate(net: AnyNetwork, x, y, loss: str, reduction: str, quantity: str) -
         )
     # the dense output layer as its linear part: its G is fused into the columns (and checked below for mse)
     for path, layer in _walk(_top_layers(net)):
-        known = isinstance(layer, (*_KRONECKER_KINDS, LayerNorm, Residual, *_PARAMETERLESS))
+        known = isinstance(layer, (*_AFFINE_KINDS, LayerNorm, Residual, *_PARAMETERLESS))
         if not known and not hasattr(layer, "per_example_grads"):
             raise ValueError(
                 f"{quantity}: {_layer_name(path, layer)} has no per_example_grads(cache, grad_out) method, so "
@@ -412,7 +412,7 @@ def _validate(net: AnyNetwork, x, y, loss: str, reduction: str, quantity: str) -
         if (
             quantity in ("kflr", "kfac")
             and _has_parameters(layer)
-            and not isinstance(layer, (*_KRONECKER_KINDS, Residual))
+            and not isinstance(layer, (*_AFFINE_KINDS, Residual))
         ):
             raise ValueError(
                 f"{quantity}: {_layer_name(path, layer)} has parameters but no Kronecker-factored curvature "
@@ -447,7 +447,7 @@ def _check_hessian_layer(path: tuple[int, ...], layer: object, known: bool) -> N
             f"diag_hessian: {name} is not a built-in layer kind, so its second derivative is unknown; "
             "diag_ggn is defined for it"
         )
-    if isinstance(layer, _KRONECKER_KINDS):
+    if isinstance(layer, _AFFINE_KINDS):
         activation = _activations.get(layer.activation)
         if not activation.piecewise_linear and activation.second_derivative is None:
             raise ValueError(
