@@ -5,7 +5,7 @@ Conv1d(1->25, k5, s2, p1), Conv1d(25->25, k3, s2, p1), Conv1d(25->25, k3, s2, p1
 to 125, Linear(125->10); 5,210 parameters; mean softmax cross-entropy on integer labels. Contenders, all from
 the same weights:
 
-- ``purebp``: ``jax.jit`` of ``purebp.backprop.loss_and_grads`` (the hand-written pass);
+- ``purebp``: ``jax.jit`` of ``purebp.engine.loss_and_grads`` (the hand-written pass);
 - ``idiomatic JAX`` (the baseline every ratio is to): params a list of (w, b), ``lax.conv_general_dilated``
   with PyTorch's layout ("NCH", "OIH", "NCH"), ``jax.nn.relu``, ``reshape``, ``h @ w.T + b`` and
   ``optax.losses.softmax_cross_entropy_with_integer_labels(...).mean()`` under

@@ -4,7 +4,7 @@ For T random stacks per dtype (``purebp.testing.random_stack_spec``, two in thre
 until they have no layer norm: dense layers
 with any hidden activation, residual blocks, layer norm, dropout with or without
 a key, conv1d/pooling/flatten fronts half the time, every built-in loss, both
-reductions, batch 1-6) every quantity of purebp/curvature.py is compared, leaf
+reductions, batch 1-6) every quantity of purebp/extras/curvature.py is compared, leaf
 by leaf, with its autodiff oracle (tests/curvature_oracles.py: ravel_pytree,
 jax.jacrev / jax.hessian / jax.vmap(jax.grad), in float64 on the same weights,
 upcast exactly for the float32 runs):
@@ -324,7 +324,8 @@ def main(argv=None) -> int:
         "",
         f"`{command}`: {trials} random architectures per dtype ({len(specs)} in all; two in three drawn without a "
         "layer norm, which diag_hessian and the Kronecker factors refuse), every quantity of "
-        "purebp/curvature.py on each, against tests/curvature_oracles.py (float64 autodiff on the same weights). "
+        "purebp/extras/curvature.py on each, against tests/curvature_oracles.py "
+        "(float64 autodiff on the same weights). "
         "Relative L2 error per leaf, ||a - b|| / max(||b||, f ||b_all||) (f = 1e-6 float64, 1e-3 float32; "
         "grad_variance also floors at 1e-5 (float64) / 0.1 (float32) of the leaf's second moment "
         "(1/N) sum_n ghat_n^2, ~5 ulps of it: the one-pass E[ghat^2] - E[ghat]^2 cannot do better where the "

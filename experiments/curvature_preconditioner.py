@@ -59,7 +59,7 @@ import optax
 import purebp as pb
 from experiments import _common
 from purebp import data
-from purebp import preconditioning as pc
+from purebp.extras import preconditioning as pc
 
 LOSS = "softmax_cross_entropy"
 METHODS = ("sgd", "adam", "diag_ggn_mc", "kfac")

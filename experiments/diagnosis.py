@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from experiments import _common
-from purebp.backprop_kit import check_backprop
+from purebp.kit.backprop import check_backprop
 
 # --- the student's pass, in the notes' layout: x (n_0, N), biases (n,), delta^l (n_l, N) ----------------
 

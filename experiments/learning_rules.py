@@ -8,7 +8,7 @@ matrices and shuffles all from the seed). tanh because both papers the study
 is set against used it for their fully connected MNIST networks (Lillicrap et
 al. 2016; Nokland 2016); two hidden layers so that FA's chain (B^2 then B^1)
 and DFA's direct paths differ. Adam because sign symmetry's feedback has unit
-magnitude (see ``purebp.rules.sign_symmetry``) and Adam is invariant to a
+magnitude (see ``purebp.extras.rules.sign_symmetry``) and Adam is invariant to a
 leaf's scale, so one optimizer serves every rule. After every epoch
 ``fit(log_alignment=True)`` measures the angle between each layer's update and
 the true gradient, and for FA between W^{l+1} and its fixed stand-in, on the
@@ -30,7 +30,8 @@ import optax
 
 import purebp as pb
 from experiments import _common
-from purebp import data, training
+from purebp import data
+from purebp.train import fit as training
 
 RULES = ("backprop", "feedback_alignment", "direct_feedback_alignment", "sign_symmetry")
 SHORT = {"backprop": "BP", "feedback_alignment": "FA", "direct_feedback_alignment": "DFA", "sign_symmetry": "sign"}
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
         "",
         "## Epoch time against backprop",
         "",
-        f"One compiled training epoch (`purebp.training.run_epoch`, batch 64) per rule, {repeats} repeats, rules "
+        f"One compiled training epoch (`purebp.train.fit.run_epoch`, batch 64) per rule, {repeats} repeats, rules "
         "alternating in the same process, medians.",
         "",
         *_common.markdown_table(time_rows, list(time_rows[0])),

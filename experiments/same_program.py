@@ -1,6 +1,6 @@
 """Is an ``init_mlp`` network's compiled gradient program the same one as before the layer engine?
 
-The layer engine (``purebp/layers``, ``purebp/backprop.py``) runs an MLP as a
+The layer engine (``purebp/layers``, ``purebp/engine.py``) runs an MLP as a
 stack of ``Dense`` layers. The claim is that this costs nothing: XLA receives
 the same computation. This script checks it without timing anything: it
 compiles ``purebp.value_and_grad``'s program for several MLPs with the
@@ -11,7 +11,7 @@ computation names, stack frames). Equal text means the same kernels in the
 same order: the same speed on any machine, whatever its load.
 
     python -m experiments.same_program                      # baseline 2332618, writes results/same_program.md
-    python -m experiments.same_program --baseline HEAD~3    # any revision that has purebp.backprop._value_and_grad_jit
+    python -m experiments.same_program --baseline HEAD~3    # any revision that has purebp.engine._value_and_grad_jit
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ CHILD = r"""
 import json, re, sys
 import jax, jax.numpy as jnp
 import purebp as pb
-from purebp import backprop
+from purebp import engine as backprop
 configs = json.loads(sys.argv[1])
 out = {}
 # the control: the first network with reduction "sum", one multiply fewer: the comparison must see it

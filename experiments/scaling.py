@@ -4,11 +4,11 @@ Every configuration runs in fresh processes (the device count and
 ``jax.distributed.initialize`` must precede the first JAX operation):
 
 - devices: one process with ``jax_num_cpu_devices`` = 1, 2, 4; one epoch of
-  ``STEPS`` data-parallel steps (``purebp.training.run_sharded_epoch``), plus the
+  ``STEPS`` data-parallel steps (``purebp.train.fit.run_sharded_epoch``), plus the
   plain single-device ``run_epoch`` as the baseline;
 - processes: 1 and 2 processes of one CPU device each, on loopback, gloo collectives;
 - all-reduce: the gradient pytree summed over the devices with one ``psum`` per
-  leaf versus one ``psum`` of the flattened buffer (what ``purebp.distributed`` does).
+  leaf versus one ``psum`` of the flattened buffer (what ``purebp.train.distributed`` does).
 
 Times are medians over ``ROUNDS`` compiled runs. On a 2-core machine no
 speed-up is expected: simulated devices and processes share the same two
@@ -55,7 +55,7 @@ def worker(args: argparse.Namespace) -> None:
     import jax
 
     if args.num_processes > 1:
-        from purebp import distributed
+        from purebp.train import distributed
 
         distributed.initialize(args.num_processes, args.process_id, args.coordinator, heartbeat_timeout=20)
     else:
@@ -67,7 +67,8 @@ def worker(args: argparse.Namespace) -> None:
     from jax.sharding import PartitionSpec as P
 
     import purebp as pb
-    from purebp import distributed, training
+    from purebp.train import distributed
+    from purebp.train import fit as training
 
     rng = np.random.default_rng(0)
     n = BATCH * args.steps
@@ -195,7 +196,7 @@ def main() -> None:
         worker(args)
         return
 
-    from purebp.launch import free_loopback_port
+    from purebp.cli.launch import free_loopback_port
 
     timing = ["--steps", "3", "--rounds", "2"] if args.quick else []
     rows = _run(["--baseline"] + timing)

@@ -1,10 +1,11 @@
 """purebp: backpropagation written by hand from the delta equations, proven equal to jax.grad."""
 
-from purebp import curvature, preconditioning, rules
-from purebp.backprop import BackpropTrace, alignment_angles, backprop_trace, forward, grad, value_and_grad
+import sys
+
 from purebp.check import GradientReport, LayerReport, autodiff_value_and_grad, check_gradients, check_layer
-from purebp.checkpoint import Checkpoint, CheckpointError, describe_network, load_checkpoint, save_checkpoint
-from purebp.curvature import (
+from purebp.engine import BackpropTrace, alignment_angles, backprop_trace, forward, grad, value_and_grad
+from purebp.extras import curvature, preconditioning, rules
+from purebp.extras.curvature import (
     KroneckerFactors,
     diag_ggn,
     diag_hessian,
@@ -14,7 +15,7 @@ from purebp.curvature import (
     kflr,
     sum_grad_squared,
 )
-from purebp.distributed import ProcessFailureError, data_parallel_value_and_grad, make_data_mesh
+from purebp.extras.per_example import dp_sgd_step, dp_value_and_grad, per_example_grad_norms, per_example_grads
 from purebp.layers import (
     AvgPool1d,
     Conv1d,
@@ -34,11 +35,12 @@ from purebp.layers import (
     residual,
 )
 from purebp.network import Layer, Network, Sequential, init_mlp, init_network
-from purebp.per_example import dp_sgd_step, dp_value_and_grad, per_example_grad_norms, per_example_grads
-from purebp.precision import cast_network, mixed_value_and_grad
 from purebp.programs import clear_caches
 from purebp.registry import register_activation, register_loss
-from purebp.training import (
+from purebp.train import distributed
+from purebp.train.checkpoint import Checkpoint, CheckpointError, describe_network, load_checkpoint, save_checkpoint
+from purebp.train.distributed import ProcessFailureError, data_parallel_value_and_grad, make_data_mesh
+from purebp.train.fit import (
     DivergenceError,
     GradientMismatchError,
     evaluate,
@@ -46,6 +48,16 @@ from purebp.training import (
     make_optimizer,
     make_train_step,
 )
+from purebp.train.precision import cast_network, mixed_value_and_grad
+
+# the module paths of earlier versions, for ``import purebp.curvature`` and the like
+for _name, _module in {
+    "curvature": curvature,
+    "distributed": distributed,
+    "preconditioning": preconditioning,
+    "rules": rules,
+}.items():
+    sys.modules[f"purebp.{_name}"] = _module
 
 __version__ = "0.1.0"
 
@@ -85,6 +97,7 @@ __all__ = [
     "describe_network",
     "diag_ggn",
     "diag_hessian",
+    "distributed",
     "dp_sgd_step",
     "dp_value_and_grad",
     "dropout",

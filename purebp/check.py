@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from purebp import activations as _activations
-from purebp import backprop as _backprop
+from purebp import engine as _engine
 from purebp import layers as _layers
 from purebp import programs as _programs
 from purebp.network import AnyNetwork, Network
@@ -53,8 +53,8 @@ def loss_function(
     net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str = "mean", key: Array | None = None
 ) -> Array:
     """Return L(theta) from purebp's own forward pass and cost: what jax.grad differentiates."""
-    output, caches = _backprop.forward_pass(net, x, key)
-    cost = _backprop.output_cost(net, output, caches, y, loss=loss)
+    output, caches = _engine.forward_pass(net, x, key)
+    cost = _engine.output_cost(net, output, caches, y, loss=loss)
     return jnp.mean(cost) if reduction == "mean" else jnp.sum(cost)
 
 
@@ -75,14 +75,14 @@ def autodiff_value_and_grad(
 
     Same signature and checks as ``purebp.value_and_grad``, so the two can be swapped.
     """
-    x, y = _backprop.coerce_inputs(net, x, y)
-    _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    x, y = _engine.coerce_inputs(net, x, y)
+    _engine.validate_inputs(net, x, y, loss=loss, reduction=reduction)
     return _autodiff_value_and_grad_jit(net, x, y, loss, reduction, key)
 
 
 def _both_value_and_grad(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None):
     # the same two jitted functions as check_gradients' default path, nested in one program
-    hand = _backprop.compiled_value_and_grad(net, x, y, loss, reduction, key)
+    hand = _engine.compiled_value_and_grad(net, x, y, loss, reduction, key)
     return hand, _autodiff_value_and_grad_jit(net, x, y, loss, reduction, key)
 
 
@@ -281,16 +281,16 @@ def check_gradients(
     ``key`` draws dropout masks, the same for both passes (a ``Sequential``
     with dropout is checked in training mode only when a key is given).
     """
-    x, y = _backprop.coerce_inputs(net, x, y)
-    _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    x, y = _engine.coerce_inputs(net, x, y)
+    _engine.validate_inputs(net, x, y, loss=loss, reduction=reduction)
     dtype = np.dtype(net.dtype or x.dtype)
     if tolerance is None:
         tolerance = TOLERANCE.get(dtype, 1e-5)
     floor = FLOOR.get(dtype, FLOOR[np.dtype("float32")])
     # a NaN in the inputs makes both gradients NaN: say so instead of reporting a mismatch
-    _backprop.check_finite("check_gradients: the input", x=x, y=y)
+    _engine.check_finite("check_gradients: the input", x=x, y=y)
     leaves = jax.tree.leaves(net)
-    _backprop.check_finite(
+    _engine.check_finite(
         "check_gradients: the network",
         **{f"layer {layer} {name}": leaf for (layer, name), leaf in zip(leaf_names(net), leaves)},
     )
@@ -300,7 +300,7 @@ def check_gradients(
         if fast_compile and key is None:
             (value_h, grads_h), (value_g, grads_g) = _fast_compile_call(net, x, y, loss, reduction, key)
         else:
-            value_h, grads_h = _backprop.compiled_value_and_grad(net, x, y, loss, reduction, key)
+            value_h, grads_h = _engine.compiled_value_and_grad(net, x, y, loss, reduction, key)
             value_g, grads_g = _autodiff_value_and_grad_jit(net, x, y, loss, reduction, key)
     leaves = compare_gradients(grads_h, grads_g, tolerance=tolerance, floor=floor)
     reference_dtype = None
@@ -424,7 +424,7 @@ def check_layer(
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"check_layer: x must be a floating array, got dtype {x.dtype}")
     if key is not None:
-        _backprop.check_key(key)
+        _engine.check_key(key)
     keys = None if key is None else _layers.example_keys(key, x.shape[0])
     return _check_layer(layer, x, keys, tolerance, seed)
 
@@ -492,7 +492,7 @@ def check_layers_of(net: AnyNetwork, x: Array, *, key: Array | None = None) -> t
     if isinstance(net, Network):
         return ()
     keys = None if key is None else _layers.example_keys(key, x.shape[0])
-    outputs, _ = _backprop.forward_layers(net, x, key)
+    outputs, _ = _engine.forward_layers(net, x, key)
     inputs = (x,) + outputs[:-1]
     return tuple(
         _check_layer(layer, inputs[index], _layers.layer_keys(keys, index), None, index)

@@ -5,7 +5,7 @@ leaves, ``w`` shaped ``(n_out, n_in)`` as in the notes, ``b`` shaped
 ``(n_out,)``) plus one activation name per layer, kept as static metadata in
 the tree structure. Any other stack of layers (``purebp.layers``: dense,
 residual, layer norm, dropout, your own) is a ``Sequential``, made by
-``init_network``. Both run on the same engine (``purebp.backprop``), which sees
+``init_network``. Both run on the same engine (``purebp.engine``), which sees
 a ``Network`` as the stack of ``Dense`` layers it is (``stack``). Nothing here
 mutates: every function returns new values.
 """
@@ -76,7 +76,7 @@ def _describe(leaf: object) -> str:
 
 
 # The parameter dtypes purebp computes in; the 16-bit ones serve low- and mixed-precision
-# training (purebp.precision). float8 and other floating types are refused.
+# training (purebp.train.precision). float8 and other floating types are refused.
 SUPPORTED_DTYPES = (np.dtype("float16"), np.dtype(jnp.bfloat16), np.dtype("float32"), np.dtype("float64"))
 _SUPPORTED_NAMES = ", ".join(dtype.name for dtype in SUPPORTED_DTYPES)
 

@@ -726,4 +726,4 @@ def stack_cases(**options):
 
 
 # users' own backward passes (issue 15): check_backprop lives in backprop_kit.py, re-exported here
-from purebp.backprop_kit import assert_backprop_matches, check_backprop  # noqa: E402, F401
+from purebp.kit.backprop import assert_backprop_matches, check_backprop  # noqa: E402, F401

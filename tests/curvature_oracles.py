@@ -1,4 +1,4 @@
-"""Autodiff oracles for purebp's curvature quantities (issue 14), independent of purebp/curvature.py.
+"""Autodiff oracles for purebp's curvature quantities (issue 14), independent of purebp/extras/curvature.py.
 
 Everything here is computed in float64 from the flattened parameters theta
 (``jax.flatten_util.ravel_pytree`` order: the network's leaves, each raveled

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from purebp.backprop_kit import BackpropCase, assert_backprop_matches, check_backprop, main_check_backprop
+from purebp.kit.backprop import BackpropCase, assert_backprop_matches, check_backprop, main_check_backprop
 
 
 def sigmoid(z):

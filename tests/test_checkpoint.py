@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import purebp as pb
-from purebp.checkpoint import CheckpointError
+from purebp.train.checkpoint import CheckpointError
 
 
 def _trained_state(dtype="float64", sizes=(5, 7, 3), optimizer=None):

@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import purebp as pb
-from purebp.checkpoint import FORMAT_MLP, FORMAT_SEQUENTIAL, CheckpointError, describe_network
 from purebp.network import Layer, Network
+from purebp.train.checkpoint import FORMAT_MLP, FORMAT_SEQUENTIAL, CheckpointError, describe_network
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "identity", "gelu", "elu")
 

@@ -16,7 +16,8 @@ import pytest
 from hypothesis import given, settings
 
 import purebp as pb
-from purebp import activations, cli
+from purebp import activations
+from purebp.cli import main as cli
 from purebp.testing import cases, random_spec, random_stack_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +34,7 @@ import numpy as np
 jax.config.update("jax_enable_x64", True)  # as `purebp verify` does before it draws a float64 case
 
 import purebp.check
-from purebp import cli
+from purebp.cli import main as cli
 from purebp.testing import make_case, random_spec
 
 first = make_case(random_spec(np.random.default_rng(0), max_depth=2, max_width=4, max_batch=4)).x

@@ -287,7 +287,7 @@ def test_a_cnn_checkpoint_round_trips(tmp_path):
 
 MESH_CODE = """
 import numpy as np, optax, purebp as pb
-from purebp import distributed
+from purebp.train import distributed
 mesh = distributed.make_data_mesh()
 rng = np.random.default_rng(0)
 x = rng.normal(size=(64, 1, 12)); y = rng.integers(0, 3, size=64).astype(np.int32)

@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given, settings
 
 import purebp as pb
-from purebp import activations, cli
+from purebp import activations
+from purebp.cli import main as cli
 from purebp.testing import LOSS_OUTPUT_PAIRS, CaseSpec, assert_gradients_match, cases, make_case
 
 

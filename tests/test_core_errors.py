@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import purebp as pb
-from purebp import backprop
+from purebp import engine as backprop
 
 
 @pytest.fixture

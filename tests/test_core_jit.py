@@ -7,7 +7,7 @@ import pytest
 from jax._src.interpreters import ad
 
 import purebp as pb
-from purebp import backprop
+from purebp import engine as backprop
 from purebp.testing import CaseSpec, make_case
 
 

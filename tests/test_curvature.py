@@ -1,4 +1,4 @@
-"""Curvature quantities (purebp/curvature.py, issue 14) against independent autodiff oracles.
+"""Curvature quantities (purebp/extras/curvature.py, issue 14) against independent autodiff oracles.
 
 The oracles (tests/curvature_oracles.py) flatten the parameters with ravel_pytree and
 build every quantity from jax.jacrev / jax.hessian / jax.vmap(jax.grad) in float64:
@@ -583,7 +583,7 @@ def test_no_autodiff_in_curvature(monkeypatch):
     """curvature.py names no autodiff function, and with JAX's autodiff entry points and internals replaced
     by functions that raise, every quantity still traces on an architecture no other test uses, with no
     custom_jvp/custom_vjp rule in its program (traced with make_jaxpr: nothing compiles)."""
-    tree = ast.parse((ROOT / "purebp" / "curvature.py").read_text())
+    tree = ast.parse((ROOT / "purebp" / "extras" / "curvature.py").read_text())
     used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
     used |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
     assert not used & FORBIDDEN, used & FORBIDDEN

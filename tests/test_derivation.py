@@ -22,7 +22,7 @@ def test_every_equation_tag_in_derivation_is_on_a_line_of_the_backward_pass():
     tags = set(re.findall(r"\(BP\d\)", (ROOT / "reference" / "DERIVATION.md").read_text()))
     assert tags == {"(BP1)", "(BP2)", "(BP3)", "(BP4)"}
     # the backward pass is the engine (backprop.py: the output delta, BP1) and the dense layer's rule (BP1-BP4)
-    code = "\n".join((ROOT / "purebp" / name).read_text() for name in ("backprop.py", "layers/dense.py"))
+    code = "\n".join((ROOT / "purebp" / name).read_text() for name in ("engine.py", "layers/dense.py"))
     for tag in tags:
         assert re.search(rf"#.*{re.escape(tag)}", code), f"{tag} is no longer named in the backward pass"
 

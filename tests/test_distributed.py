@@ -41,7 +41,7 @@ def run_with_devices(background, name: str) -> str:
     "test_sharded_gradient_equals_single_device_on_random_architectures",
     """
     import numpy as np, purebp as pb
-    from purebp import distributed
+    from purebp.train import distributed
     from purebp.check import compare_gradients
     from purebp.testing import make_case, random_spec
     mesh = distributed.make_data_mesh()
@@ -73,7 +73,7 @@ def test_sharded_gradient_equals_single_device_on_random_architectures(backgroun
     "test_batch_not_divisible_by_devices_is_a_clear_error",
     """
     import purebp as pb
-    from purebp import distributed
+    from purebp.train import distributed
     from purebp.testing import make_case, CaseSpec
     case = make_case(CaseSpec(sizes=(3, 4, 2), activations=("tanh", "identity"), loss="mse", batch=10))
     try:
@@ -92,7 +92,8 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(background):
     "test_fit_on_a_mesh_equals_fit_on_one_device",
     """
     import numpy as np, optax, purebp as pb
-    from purebp import distributed, training
+    from purebp.train import distributed
+    from purebp.train import fit as training
     mesh = distributed.make_data_mesh()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 5)); y = rng.integers(0, 3, size=200).astype(np.int32)
@@ -161,7 +162,7 @@ def test_readme_scaling_out_example_runs(background):
     "test_fit_on_a_mesh_with_dropout_equals_one_device",
     """
     import numpy as np, optax, purebp as pb
-    from purebp import distributed
+    from purebp.train import distributed
     mesh = distributed.make_data_mesh()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(96, 5)); y = rng.integers(0, 3, size=96).astype(np.int32)

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import purebp as pb
-from purebp import backprop
+from purebp import engine as backprop
 from purebp.layers import example_keys, layer_keys
 
 F64 = jnp.float64

@@ -23,7 +23,7 @@ import pytest
 
 import purebp as pb
 from purebp.cli import main
-from purebp.launch import free_loopback_port, launch
+from purebp.cli.launch import free_loopback_port, launch
 
 ROOT = Path(__file__).resolve().parents[1]
 HEARTBEAT = 4

@@ -1,4 +1,4 @@
-"""The curvature preconditioners (purebp.preconditioning) against their math, built explicitly.
+"""The curvature preconditioners (purebp.extras.preconditioning) against their math, built explicitly.
 
 Curvature trees are drawn by hand with the shapes of the curvature contract
 (pb.diag_ggn: a tree like the network; pb.kfac: one KroneckerFactors(g, a) per
@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import purebp as pb
-from purebp import preconditioning as pc
+from purebp.extras import preconditioning as pc
 
 RTOL = 1e-10
 

@@ -1,4 +1,4 @@
-"""Learning rules other than backprop (purebp.rules): exact where the answer is known, float64.
+"""Learning rules other than backprop (purebp.extras.rules): exact where the answer is known, float64.
 
 Tolerances: "bit for bit" is ``np.testing.assert_array_equal``; against the
 independent NumPy oracle (reference/numpy_rules.py, one example at a time) the
@@ -18,7 +18,8 @@ import pytest
 from jax._src.interpreters import ad
 
 import purebp as pb
-from purebp import backprop, training
+from purebp import engine as backprop
+from purebp.train import fit as training
 from reference import numpy_rules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,7 +248,7 @@ def test_bad_rules_and_feedback_are_clear_errors():
             rule=pb.rules.feedback_alignment(jax.random.key(0), net),
         )  # fmt: skip
     assert backprop._value_and_grad_jit._cache_size() == compiled
-    with pytest.raises(TypeError, match="rule must be None or a rule from purebp.rules"):
+    with pytest.raises(TypeError, match="rule must be None or a rule from purebp.extras.rules"):
         pb.value_and_grad(net, x, y, loss=LOSS, rule="fa")
     with pytest.raises(ValueError, match="feedback has 1 matrices but the network has 2 dense layers after the first"):
         pb.rules.feedback_alignment(None, net, feedback=[net.layers[1].w])
@@ -374,7 +375,7 @@ def test_no_autodiff_in_the_rules(monkeypatch):
         pb.check_gradients(net, x, y, loss=LOSS)
     forbidden = {"grad", "value_and_grad", "vjp", "jvp", "linearize", "jacfwd", "jacrev", "hessian", "custom_vjp",
                  "custom_jvp", "linear_transpose"}  # fmt: skip
-    tree = ast.parse((ROOT / "purebp" / "rules.py").read_text())
+    tree = ast.parse((ROOT / "purebp" / "extras" / "rules.py").read_text())
     used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}  # jax.grad, jax.vjp, ...
     used |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
     assert not used & forbidden, used & forbidden

@@ -19,8 +19,9 @@ import optax
 import pytest
 
 import purebp as pb
-from purebp import backprop, training
+from purebp import engine as backprop
 from purebp.testing import CaseSpec, make_case, random_spec
+from purebp.train import fit as training
 
 
 def _leaves(net):

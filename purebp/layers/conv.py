@@ -117,7 +117,7 @@ class Conv1d:
         grad_b = jnp.sum(delta, axis=2)
         return Conv1d(grad_w_sq, jnp.sum(grad_b * grad_b, axis=1), self.stride, self.padding, self.activation)
 
-    # ---- more from the same pass (purebp.curvature): columns (N, M, C_out, L_out), weights (N, M) or None
+    # ---- more from the same pass (purebp.extras.curvature): columns (N, M, C_out, L_out), weights (N, M) or None
 
     def linear(self) -> Conv1d:
         """The same weights with the identity activation: columns that already hold dC/dz^l."""

@@ -69,7 +69,7 @@ class Dense:
         # Goodfellow's trick: ||delta_n a_n^T||_F^2 = ||delta_n||^2 ||a_n||^2, no (N, n_out, n_in) tensor
         return Dense(delta_sq * jnp.sum(cache.input * cache.input, axis=1), delta_sq, self.activation)
 
-    # ---- more from the same pass (purebp.curvature): columns are M backpropagated vectors per example,
+    # ---- more from the same pass (purebp.extras.curvature): columns are M backpropagated vectors per example,
     # shape (N, M, n_out), each a dC/da^l of its own; weights (N, M) or None (all +1)
 
     def column_deltas(self, cache: DenseCache, columns: Array) -> Array:

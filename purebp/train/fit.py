@@ -34,14 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from purebp import backprop as _backprop
 from purebp import check as _check
+from purebp import engine as _engine
 from purebp import losses as _losses
-from purebp import precision as _precision
 from purebp import programs
-from purebp import rules as _rules
+from purebp.extras import rules as _rules
 from purebp.layers import Dropout
 from purebp.network import AnyNetwork, Network, Sequential, validate_network, validate_sequential
+from purebp.train import precision as _precision
 
 Array = jax.Array
 Batch = tuple[Array, Array]
@@ -90,7 +90,7 @@ def _gradient_function(gradient: str) -> Callable:
     # both are jitted (loss, grads) functions of (net, x, y, loss, reduction, key=None);
     # called inside another jit they inline, with no eager validation per step
     if gradient == "handwritten":
-        return _backprop.compiled_value_and_grad
+        return _engine.compiled_value_and_grad
     if gradient == "autodiff":
         return _check.compiled_autodiff_value_and_grad
     raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
@@ -110,7 +110,7 @@ def make_train_step(
 
     ``key`` draws the step's dropout masks (None: dropout off).
 
-    ``rule`` (``purebp.rules``; None: backprop) replaces the gradient by the
+    ``rule`` (``purebp.extras.rules``; None: backprop) replaces the gradient by the
     rule's update (feedback alignment, direct feedback alignment, sign
     symmetry), which optax then descends along. Inside your own ``jit`` pass
     the rule to the step as an argument (``step(net, s, batch, key, rule=r)``
@@ -123,13 +123,13 @@ def make_train_step(
     ``optax.apply_updates(net, optimizer.update(grads, opt_state, net))``, so
     ``optax.sgd(eta)`` gives the notes' theta <- theta - eta grad L. The step
     does no input checks (they would run on tracers): check once with
-    ``purebp.backprop.validate_inputs``. It is jittable, scannable and
+    ``purebp.engine.validate_inputs``. It is jittable, scannable and
     ``gradient="autodiff"`` swaps in jax.grad of the same forward pass and cost.
     With a ``mesh`` the gradient is data-parallel over its "data" axis
-    (``purebp.distributed``): the batch is split, each device runs the
+    (``purebp.train.distributed``): the batch is split, each device runs the
     hand-written pass on its share, one ``psum`` adds the shares.
     With ``compute_dtype`` ("bfloat16" or "float16") the step is mixed
-    precision (``purebp.precision.mixed_value_and_grad``): ``net`` and x stay
+    precision (``purebp.train.precision.mixed_value_and_grad``): ``net`` and x stay
     in the master dtype (float32), the hand-written pass runs on copies cast
     to ``compute_dtype``, and L, the gradients, the optimizer state and the
     update are in the master dtype; its dtype and shape checks run once per
@@ -151,7 +151,7 @@ def make_train_step(
             value, grads = value_and_grad(net, x, y, loss, reduction, key)
         else:
             _check_rule_options(rule, gradient, mesh, compute_dtype)
-            value, grads = _backprop.compiled_value_and_grad(net, x, y, loss, reduction, key, rule)
+            value, grads = _engine.compiled_value_and_grad(net, x, y, loss, reduction, key, rule)
         # optax mixes Python scalars with int32 counters (Adam's bias correction):
         # give it the standard promotion rules even when the caller runs strict ones
         with jax.numpy_dtype_promotion("standard"):
@@ -196,7 +196,7 @@ def _check_mesh_gradient(gradient: str) -> None:
 
 
 def _data_parallel_gradient(mesh: jax.sharding.Mesh) -> Callable:
-    from purebp import distributed
+    from purebp.train import distributed
 
     def value_and_grad(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None):
         return distributed.sharded_value_and_grad(mesh, distributed.DATA_AXIS, loss, reduction)(net, x, y, key)
@@ -244,7 +244,7 @@ def run_epoch(
 ) -> tuple[EpochState, Array]:
     """Run ``num_batches`` steps from ``state`` as one ``lax.scan``; return (final ``EpochState``, per-step losses).
 
-    ``rule`` (``purebp.rules``, None: backprop) is a traced argument of the
+    ``rule`` (``purebp.extras.rules``, None: backprop) is a traced argument of the
     compiled epoch: a new rule of the same shapes reuses it.
 
     Batch i is examples ``order[(start + i) * batch_size:(start + i + 1) * batch_size]``
@@ -338,7 +338,7 @@ def run_sharded_epoch(
     ``step_keys`` (num_steps,) draw each step's dropout masks (``step_dropout_keys``).
 
     The batches are global arrays split over the mesh's "data" axis along
-    dimension 1 (``purebp.distributed.shard_epoch``: in a multi-process run each
+    dimension 1 (``purebp.train.distributed.shard_epoch``: in a multi-process run each
     process holds only its share); ``state`` is replicated. Returns the same as
     ``run_epoch``, replicated; compiled programs are keyed as ``run_epoch``'s.
     """
@@ -400,8 +400,8 @@ def initial_state(net: Network, opt_state: Any) -> EpochState:
 
 @functools.partial(jax.jit, static_argnames=("loss", "reduction"))
 def _evaluate_jit(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str) -> tuple[Array, Array]:
-    activation, caches = _backprop.forward_pass(net, x)  # no key: inference, dropout off
-    cost = _backprop.output_cost(net, activation, caches, y, loss=loss)
+    activation, caches = _engine.forward_pass(net, x)  # no key: inference, dropout off
+    cost = _engine.output_cost(net, activation, caches, y, loss=loss)
     value = jnp.mean(cost) if reduction == "mean" else jnp.sum(cost)
     labels = y if y.ndim == 1 else jnp.argmax(y, axis=-1)
     predicted = jnp.argmax(activation, axis=-1).astype(labels.dtype)  # int64 under x64, labels may be int32
@@ -419,8 +419,8 @@ def evaluate(
     any loss whose targets are class labels or one-hot rows (e.g. mse on
     one-hot targets), comparing the argmax of the output with the argmax of y.
     """
-    x, y = _backprop.coerce_inputs(net, x, y)
-    _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    x, y = _engine.coerce_inputs(net, x, y)
+    _engine.validate_inputs(net, x, y, loss=loss, reduction=reduction)
     value, correct = _evaluate_jit(net, x, y, loss, reduction)
     metrics = {"loss": float(value)}
     if accuracy or (accuracy is None and loss in _losses.CLASSIFICATION_LOSSES):
@@ -640,12 +640,12 @@ def fit(
     - ``compute_dtype`` ("bfloat16" or "float16"): mixed precision, the
       parameters (the float32 master copy), optimizer state and update stay in
       the network's dtype, each step's hand-written pass runs on copies cast
-      to ``compute_dtype`` (``purebp.precision.mixed_value_and_grad``).
+      to ``compute_dtype`` (``purebp.train.precision.mixed_value_and_grad``).
     - ``log(message)`` receives what fit has to say (resumed from where, the
       gradient check's worst error, nothing to do); default: the
-      ``"purebp.training"`` logger at INFO level.
+      ``"purebp.train.fit"`` logger at INFO level.
     - ``callback(epoch, row)`` is called after every epoch with that epoch's history row.
-    - ``rule`` (``purebp.rules``; None: backprop): train on the rule's update
+    - ``rule`` (``purebp.extras.rules``; None: backprop): train on the rule's update
       instead of the gradient (feedback alignment, direct feedback alignment,
       sign symmetry). It is a traced argument of the compiled epoch (a new rule
       of the same shapes does not recompile). Checkpoints record its kind and a
@@ -658,15 +658,15 @@ def fit(
     - ``log_alignment``: after every epoch, ``alignment_angles`` on the first
       ``ALIGNMENT_BATCH`` training examples (dropout off); the row gets
       ``update_angles`` and ``feedback_angles``, lists of degrees per layer of
-      the stack (NaN where undefined; see ``purebp.rules.Alignment``).
+      the stack (NaN where undefined; see ``purebp.extras.rules.Alignment``).
     - ``mesh``: data-parallel training over the mesh's "data" axis
-      (``purebp.distributed.make_data_mesh()``); ``batch_size`` must divide by
+      (``purebp.train.distributed.make_data_mesh()``); ``batch_size`` must divide by
       its size. Each epoch's batches are split over the devices (each process
       loads only its share), the gradient is one ``psum`` of the per-shard
       hand-written gradients, parameters are replicated. Same permutation and
       batches as without a mesh, so the result equals the single-device one to
       float rounding. Works across processes after ``jax.distributed``
-      initialisation (``purebp.distributed.initialize``): every process calls
+      initialisation (``purebp.train.distributed.initialize``): every process calls
       ``fit`` with the same arguments, only process 0 writes checkpoints, and a
       failed collective (a dead process) raises ``ProcessFailureError``.
     - ``stop()`` is called after every epoch; once it returns True (on any
@@ -723,14 +723,14 @@ def _validate_fit(
     else:
         validate_network(net)
     x, y = _split_pair("train", train)
-    x, y = _backprop.coerce_inputs(net, x, y)
-    _backprop.check_finite("the training data", x=x, y=y)  # first: a NaN label is not a bad label
-    _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    x, y = _engine.coerce_inputs(net, x, y)
+    _engine.check_finite("the training data", x=x, y=y)  # first: a NaN label is not a bad label
+    _engine.validate_inputs(net, x, y, loss=loss, reduction=reduction)
     eval_data = None
     if eval is not None:
-        x_eval, y_eval = _backprop.coerce_inputs(net, *_split_pair("eval", eval))
-        _backprop.check_finite("the eval data", x=x_eval, y=y_eval)
-        _backprop.validate_inputs(net, x_eval, y_eval, loss=loss, reduction=reduction)
+        x_eval, y_eval = _engine.coerce_inputs(net, *_split_pair("eval", eval))
+        _engine.check_finite("the eval data", x=x_eval, y=y_eval)
+        _engine.validate_inputs(net, x_eval, y_eval, loss=loss, reduction=reduction)
         eval_data = (x_eval, y_eval)
     _gradient_function(gradient)
     if optimizer is None:
@@ -747,7 +747,7 @@ def _validate_fit(
         )
     schedule = make_schedule(int(x.shape[0]), batch_size, epochs, steps, key)
     if mesh is not None:
-        from purebp import distributed
+        from purebp.train import distributed
 
         distributed.validate_mesh(mesh, distributed.DATA_AXIS, schedule.batch_size)
         _check_mesh_gradient(gradient)
@@ -790,7 +790,7 @@ def _validate_fit(
         callback=callback,
         mesh=mesh,
         stop=stop,
-        log=log if log is not None else logging.getLogger("purebp.training").info,
+        log=log if log is not None else logging.getLogger("purebp.train.fit").info,
         compute_dtype=compute_dtype,
         rule=rule,
         log_alignment=log_alignment,
@@ -808,7 +808,7 @@ def has_dropout(net: AnyNetwork) -> bool:
 def _architecture(net: AnyNetwork) -> dict:
     if isinstance(net, Network):
         return {"sizes": list(net.sizes), "activations": list(net.activations)}
-    from purebp import checkpoint as _checkpoint
+    from purebp.train import checkpoint as _checkpoint
 
     return {"architecture": _checkpoint.describe_network(net)}
 
@@ -854,7 +854,7 @@ def _digest(*arrays: Array) -> str:
 
 def _restore(run: _Run, config: dict, opt_state: Any, net: AnyNetwork) -> tuple[AnyNetwork, Any, int, dict] | None:
     """Load ``run.checkpoint`` if it exists and belongs to this run; return (net, opt_state, step, history)."""
-    from purebp import checkpoint as _checkpoint
+    from purebp.train import checkpoint as _checkpoint
 
     if not os.path.exists(run.checkpoint):
         run.log(f"no checkpoint at {run.checkpoint}: starting fresh")
@@ -933,7 +933,7 @@ def _train(run: _Run, net: Network, opt_state: Any, start: int, history: dict, c
     if run.mesh is None:
         state = initial_state(net, opt_state)
     else:
-        from purebp import distributed
+        from purebp.train import distributed
 
         x_host, y_host = np.asarray(run.x), np.asarray(run.y)
         state = initial_state(*distributed.replicate((net, opt_state), run.mesh))
@@ -986,7 +986,7 @@ def _train(run: _Run, net: Network, opt_state: Any, start: int, history: dict, c
         if run.log_alignment:  # after the clock: the angles are a measurement, not training
             measuring = time.perf_counter()
             count_alignment = min(ALIGNMENT_BATCH, int(run.x.shape[0]))
-            angles = _backprop.alignment_angles(
+            angles = _engine.alignment_angles(
                 net, run.x[:count_alignment], run.y[:count_alignment], loss=run.loss, reduction=run.reduction,
                 rule=run.rule,
             )  # fmt: skip
@@ -1016,7 +1016,7 @@ def _train(run: _Run, net: Network, opt_state: Any, start: int, history: dict, c
 
 
 def _save(path, net, opt_state, step, key, config, epoch, history) -> None:
-    from purebp import checkpoint as _checkpoint
+    from purebp.train import checkpoint as _checkpoint
 
     if jax.process_index() != 0:  # multi-process: one writer; the parameters are identical everywhere
         return
@@ -1031,7 +1031,7 @@ def _diverged(state: EpochState, epoch: int, step: int, history: dict, config: d
     )
     if path is not None and jax.process_index() == 0:
         # a separate file: the regular checkpoint keeps the last finite state a run can resume from
-        from purebp import checkpoint as _checkpoint
+        from purebp.train import checkpoint as _checkpoint
 
         diverged_path = f"{path}.diverged"
         metadata = {"config": config, "diverged_at_step": step, "diverged_in_epoch": epoch, "history": history}

@@ -255,7 +255,7 @@ def normalize(rule: object) -> Rule | None:
         return None
     if not isinstance(rule, RULE_TYPES):
         raise TypeError(
-            "rule must be None or a rule from purebp.rules (backprop(), feedback_alignment(key, net), "
+            "rule must be None or a rule from purebp.extras.rules (backprop(), feedback_alignment(key, net), "
             f"direct_feedback_alignment(key, net), sign_symmetry()), got {type(rule).__name__}"
         )
     return rule

@@ -21,7 +21,7 @@ Small pure functions in the optax style:
 - ``cast_network(net, dtype)``: every parameter leaf cast to ``dtype``.
 - ``mixed_value_and_grad(compute_dtype, loss_scale=1.0)``: a function
   ``(net, x, y, loss, reduction) -> (L, grads)``, the signature of the
-  gradient functions ``purebp.training.make_train_step`` runs, computing in
+  gradient functions ``purebp.train.fit.make_train_step`` runs, computing in
   ``compute_dtype`` and returning L and the gradients in the master dtype.
   ``make_train_step(..., compute_dtype="bfloat16")`` uses it.
 
@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from purebp import backprop as _backprop
+from purebp import engine as _engine
 from purebp.network import AnyNetwork, Network, Sequential, supported_dtype
 
 Array = jax.Array
@@ -79,7 +79,7 @@ def mixed_value_and_grad(compute_dtype: object, *, loss_scale: float = 1.0) -> G
     in the master dtype, ``net``'s own (float32 in mixed training). Inputs must
     be in the master dtype, as for ``purebp.value_and_grad(net, ...)``: float32
     x for a float32 net is right, float32 x for a bfloat16 net is a TypeError.
-    The checks of ``purebp.backprop.validate_inputs`` run on every call (on
+    The checks of ``purebp.engine.validate_inputs`` run on every call (on
     shapes and dtypes only under ``jit``, where they run once per trace).
     Jittable and scannable; one compile per signature.
 
@@ -98,7 +98,7 @@ def mixed_value_and_grad(compute_dtype: object, *, loss_scale: float = 1.0) -> G
     def value_and_grad(
         net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str = "mean", key: Array | None = None
     ) -> tuple[Array, AnyNetwork]:
-        _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+        _engine.validate_inputs(net, x, y, loss=loss, reduction=reduction)
         _check_scaled_delta(compute, scale, x.shape[0], reduction)
         return _mixed_value_and_grad_jit(net, x, y, loss, reduction, compute, scale, key)
 
@@ -139,8 +139,8 @@ def _scaled_value_and_grad(
     net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, loss_scale: float, key: Array | None = None
 ):
     """(L, S dL/dtheta): purebp.value_and_grad's pass, built from the public passes, with delta^L times S."""
-    output, caches = _backprop.forward_pass(net, x, key)
-    value, delta = _backprop.loss_and_output_delta(net, output, caches, y, loss=loss, reduction=reduction)
+    output, caches = _engine.forward_pass(net, x, key)
+    value, delta = _engine.loss_and_output_delta(net, output, caches, y, loss=loss, reduction=reduction)
     # (BP1) delta^L times S; every layer's backward is linear in what it receives, so every gradient is S dL/dtheta
-    grads, _ = _backprop.backward_pass(net, caches, loss_scale * delta)
+    grads, _ = _engine.backward_pass(net, caches, loss_scale * delta)
     return value, grads

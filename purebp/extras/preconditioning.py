@@ -45,7 +45,7 @@ import numpy as np
 import optax
 
 from purebp import network as _network
-from purebp.curvature import KroneckerFactors
+from purebp.extras.curvature import KroneckerFactors
 
 Array = jax.Array
 

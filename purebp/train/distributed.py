@@ -34,7 +34,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from purebp import backprop as _backprop
+from purebp import engine as _engine
 from purebp import programs as _programs
 from purebp.network import AnyNetwork
 
@@ -87,7 +87,7 @@ def sharded_value_and_grad(mesh: Mesh, axis: str, loss: str, reduction: str) -> 
         # this shard's sum_n C^n and its gradient; its examples start at axis_index * shard size, so
         # its dropout masks are the ones the whole batch draws for them on one device
         offset = jax.lax.axis_index(axis) * x.shape[0]
-        shard_loss, grads = _backprop.loss_and_grads(
+        shard_loss, grads = _engine.loss_and_grads(
             net, x, y, loss=loss, reduction="sum", key=key, example_offset=offset
         )
         if not flatten:
@@ -131,8 +131,8 @@ def data_parallel_value_and_grad(
     examples (``fold_in(key, global example index)``), so any number of
     devices gives the masks of one device, and the result to rounding.
     """
-    x, y = _backprop.coerce_inputs(net, x, y)
-    _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    x, y = _engine.coerce_inputs(net, x, y)
+    _engine.validate_inputs(net, x, y, loss=loss, reduction=reduction)
     validate_mesh(mesh, axis, x.shape[0])
     return sharded_value_and_grad(mesh, axis, loss, reduction)(net, x, y, key)
 
@@ -289,7 +289,7 @@ def initialize(
         )
     except RuntimeError as error:  # called twice, or after JAX has started
         raise RuntimeError(
-            f"purebp.distributed.initialize must run once per process, before its first JAX operation ({error})"
+            f"purebp.train.distributed.initialize must run once per process, before its first JAX operation ({error})"
         ) from None
     except ValueError as error:
         if coordinator != AUTO:

@@ -294,7 +294,7 @@ def _train_setup(args: argparse.Namespace):
     import jax
 
     from purebp import data, losses
-    from purebp.training import make_optimizer, make_schedule
+    from purebp.train.fit import make_optimizer, make_schedule
 
     if args.resume and not args.checkpoint:
         raise ValueError("--resume needs --checkpoint PATH")
@@ -404,7 +404,7 @@ def _stop_on_sigterm():
 
 
 def _process_failure_error() -> type:
-    from purebp.distributed import ProcessFailureError
+    from purebp.train.distributed import ProcessFailureError
 
     return ProcessFailureError
 
@@ -428,7 +428,7 @@ def run_train(args: argparse.Namespace) -> int:
     _enable_x64_if((args.dtype,))
     multi_process = (args.num_processes or 1) > 1 or args.coordinator is not None
     if multi_process:  # before the first JAX operation
-        from purebp import distributed
+        from purebp.train import distributed
 
         try:
             if args.coordinator is None:
@@ -453,7 +453,7 @@ def run_train(args: argparse.Namespace) -> int:
     import jax
 
     from purebp.network import init_mlp, init_network
-    from purebp.training import DivergenceError, GradientMismatchError, evaluate, fit, format_epochs
+    from purebp.train.fit import DivergenceError, GradientMismatchError, evaluate, fit, format_epochs
 
     try:
         dataset, sizes, activations, loss, optimizer, schedule, length = _train_setup(args)
@@ -481,7 +481,7 @@ def run_train(args: argparse.Namespace) -> int:
     bar, on_epoch = _progress_bar(schedule.num_epochs, "eval_accuracy")
     mesh = None
     if multi_process:
-        from purebp import distributed
+        from purebp.train import distributed
 
         mesh = distributed.make_data_mesh()
     # what shapes the trajectory, compared when a run resumes
@@ -633,7 +633,7 @@ def add_launch_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_launch(args: argparse.Namespace) -> int:
-    from purebp.launch import launch
+    from purebp.cli.launch import launch
 
     command = args.worker[1:] if args.worker[:1] == ["--"] else args.worker
     try:
@@ -655,7 +655,7 @@ def run_launch(args: argparse.Namespace) -> int:
 def add_check_backprop_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "check-backprop",
-        add_help=False,  # its own parser (purebp.backprop_kit.main_check_backprop) answers --help
+        add_help=False,  # its own parser (purebp.kit.backprop.main_check_backprop) answers --help
         help="check your own backward pass fn(weights, biases, x, y) against autodiff: MODULE:FUNCTION --activation "
         "sigmoid --loss mse --layout columns (exit 1 on a mismatch)",
     )
@@ -664,7 +664,7 @@ def add_check_backprop_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_check_backprop(args: argparse.Namespace) -> int:
-    from purebp.backprop_kit import main_check_backprop
+    from purebp.kit.backprop import main_check_backprop
 
     return main_check_backprop(args.arguments)
 
@@ -685,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["check-backprop"]:  # its own parser takes everything after the name, --help included
-        from purebp.backprop_kit import main_check_backprop
+        from purebp.kit.backprop import main_check_backprop
 
         return main_check_backprop(argv[1:])
     args = build_parser().parse_args(argv)

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from purebp import backprop as _backprop
+from purebp import engine as _engine
 from purebp import layers as _layers
 from purebp.network import AnyNetwork, like
 
@@ -58,11 +58,11 @@ def _per_example_pass(net: AnyNetwork, x: Array, y: Array, loss: str, key: Array
     batch-summed gradients ``backward_pass`` also builds are dead code that
     XLA removes under jit.
     """
-    output, caches = _backprop.forward_pass(net, x, key)
-    cost = _backprop.output_cost(net, output, caches, y, loss=loss)
+    output, caches = _engine.forward_pass(net, x, key)
+    cost = _engine.output_cost(net, output, caches, y, loss=loss)
     # (BP1) delta^L_n = dC^n/dz^L_n, the per-example cost's own delta (reduction="sum")
-    _, output_delta = _backprop.loss_and_output_delta(net, output, caches, y, loss=loss, reduction="sum")
-    _, grad_outputs = _backprop.backward_pass(net, caches, output_delta)
+    _, output_delta = _engine.loss_and_output_delta(net, output, caches, y, loss=loss, reduction="sum")
+    _, grad_outputs = _engine.backward_pass(net, caches, output_delta)
     return caches, output_delta, grad_outputs, cost
 
 
@@ -70,7 +70,7 @@ def _squared_norms(net: AnyNetwork, caches, grad_outputs) -> list:
     """Per layer, a tree of ||dC^n/dtheta||^2 per parameter leaf, each (N,), by each layer's own rule."""
     return [
         _layers.per_example_squared_norms(layer, cache, grad_output)
-        for layer, cache, grad_output in zip(_backprop.backward_layers(net), caches, grad_outputs)
+        for layer, cache, grad_output in zip(_engine.backward_layers(net), caches, grad_outputs)
     ]
 
 
@@ -88,7 +88,7 @@ def _per_example_grads_jit(net: AnyNetwork, x: Array, y: Array, loss: str, key: 
     # each layer's (BP3)-(BP4) for one example: for a dense layer delta^l_n (a^{l-1}_n)^T and delta^l_n
     layers = [
         layer.per_example_grads(cache, grad_output)
-        for layer, cache, grad_output in zip(_backprop.backward_layers(net), caches, grad_outputs)
+        for layer, cache, grad_output in zip(_engine.backward_layers(net), caches, grad_outputs)
     ]
     return like(net, layers)
 
@@ -154,7 +154,7 @@ def _dp_value_and_grad(
     # linear in what it receives and acts on each example alone, so g_n is scaled by m_n and the
     # summed gradient is sum_n m_n g_n
     scaled = multipliers.reshape((-1,) + (1,) * (output_delta.ndim - 1)) * output_delta
-    clipped_sum, _ = _backprop.backward_pass(net, caches, scaled)
+    clipped_sum, _ = _engine.backward_pass(net, caches, scaled)
     # the product before the cast, as optax forms c * sigma in Python before meeting the dtype
     noise_std = (jnp.asarray(l2_norm_clip) * jnp.asarray(noise_multiplier)).astype(norms.dtype)
     divisor = x.shape[0] if reduction == "mean" else 1
@@ -172,7 +172,7 @@ def _dp_sgd_step_jit(net, opt_state, x, y, key, l2_norm_clip, noise_multiplier, 
         net, x, y, key, l2_norm_clip, noise_multiplier, loss, "mean", dropout_key
     )
     # optax mixes Python scalars with int32 counters (Adam's bias correction): give it the
-    # standard promotion rules even when the caller runs strict ones (as purebp.training does)
+    # standard promotion rules even when the caller runs strict ones (as purebp.train.fit does)
     with jax.numpy_dtype_promotion("standard"):
         updates, opt_state = optimizer.update(grads, opt_state, net)
         net = optax.apply_updates(net, updates)
@@ -193,8 +193,8 @@ def per_example_grads(net: AnyNetwork, x: Array, y: Array, *, loss: str, key: Ar
     dropout masks, as in ``value_and_grad``. Memory is N times the parameter
     count: for norms alone use ``per_example_grad_norms``.
     """
-    x, y = _backprop.coerce_inputs(net, x, y)
-    _backprop.validate_inputs(net, x, y, loss=loss, reduction="sum")
+    x, y = _engine.coerce_inputs(net, x, y)
+    _engine.validate_inputs(net, x, y, loss=loss, reduction="sum")
     return _per_example_grads_jit(net, x, y, loss, key)
 
 
@@ -215,8 +215,8 @@ def per_example_grad_norms(
     """
     if not isinstance(per_layer, bool):
         raise TypeError(f"per_layer must be True or False, got {per_layer!r}")
-    x, y = _backprop.coerce_inputs(net, x, y)
-    _backprop.validate_inputs(net, x, y, loss=loss, reduction="sum")
+    x, y = _engine.coerce_inputs(net, x, y)
+    _engine.validate_inputs(net, x, y, loss=loss, reduction="sum")
     return _per_example_grad_norms_jit(net, x, y, loss, per_layer, key)
 
 
@@ -290,7 +290,7 @@ def _validate_dp(net, x, y, key, loss, l2_norm_clip, noise_multiplier, reduction
     """Raise ValueError/TypeError before compiling if the DP arguments are wrong."""
     if reduction not in DP_REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; valid reductions: {', '.join(DP_REDUCTIONS)}")
-    _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    _engine.validate_inputs(net, x, y, loss=loss, reduction=reduction)
     validate_key(key)
     _validate_nonnegative_scalar("l2_norm_clip", l2_norm_clip)
     _validate_nonnegative_scalar("noise_multiplier", noise_multiplier)

@@ -28,7 +28,7 @@ import numpy as np
 from purebp import activations as _activations
 from purebp import losses as _losses
 from purebp import programs as _programs
-from purebp import rules as _rules
+from purebp.extras import rules as _rules
 from purebp.layers import Dense, example_keys, layer_keys
 from purebp.network import (
     AnyNetwork,
@@ -181,7 +181,7 @@ def loss_and_grads(
 ) -> tuple[Array, AnyNetwork]:
     """(L, dL/dtheta) by the engine, unjitted and unchecked: for use inside a caller's own jit/scan/shard_map.
 
-    With a ``rule`` other than backprop (``purebp.rules``) the second output
+    With a ``rule`` other than backprop (``purebp.extras.rules``) the second output
     is that rule's update, not dL/dtheta.
     """
     output, caches = forward_pass(net, x, key, example_offset=example_offset)
@@ -282,7 +282,7 @@ def value_and_grad(
 ) -> tuple[Array, AnyNetwork]:
     """Return (L, dL/dtheta) computed by the hand-written backward pass.
 
-    ``rule`` (``purebp.rules``; None or ``rules.backprop()``: the gradient):
+    ``rule`` (``purebp.extras.rules``; None or ``rules.backprop()``: the gradient):
     with feedback alignment, direct feedback alignment or sign symmetry the
     second output is that rule's update (same tree as ``net``), which is NOT
     the gradient of L; its output layer's part still is. The rule is a traced

@@ -48,12 +48,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from purebp import activations as _activations
-from purebp import backprop as _backprop
+from purebp import engine as _engine
 from purebp import losses as _losses
+from purebp.extras.per_example import validate_key
 from purebp.layers import Conv1d, Dense, Dropout, Flatten, LayerNorm, Residual
 from purebp.layers.pool import AvgPool1d, MaxPool1d
 from purebp.network import AnyNetwork, Network, Sequential, like, stack
-from purebp.per_example import validate_key
 
 Array = jax.Array
 
@@ -75,7 +75,7 @@ class KroneckerFactors(NamedTuple):
 
 def _output_parts(net: AnyNetwork, output: Array, caches: tuple) -> tuple[Array, str | None]:
     """(z^L, G's name) for a dense output layer; (the output, None) for any other output layer."""
-    name = _backprop.output_layer_activation(net)
+    name = _engine.output_layer_activation(net)
     return (output, None) if name is None else (caches[-1].pre_activation, name)
 
 
@@ -252,17 +252,17 @@ def _residual_tree(block: Residual, results: list) -> Residual:
 
 
 def _top_layers(net: AnyNetwork) -> tuple:
-    return _backprop.backward_layers(net)  # the dense output layer as its linear part: columns start at z^L
+    return _engine.backward_layers(net)  # the dense output layer as its linear part: columns start at z^L
 
 
 def _diagonal(net, x, y, loss, reduction, mc_samples, key, dropout_key, hessian):
-    output, caches = _backprop.forward_pass(net, x, dropout_key)
+    output, caches = _engine.forward_pass(net, x, dropout_key)
     layers = _top_layers(net)
     columns = _output_columns(net, output, caches, y, loss, reduction, mc_samples, key)
     weights, grad_outs = None, None
     if hessian:
-        _, delta = _backprop.loss_and_output_delta(net, output, caches, y, loss=loss, reduction=reduction)
-        _, grad_outs = _backprop.backward_pass(net, caches, delta)
+        _, delta = _engine.loss_and_output_delta(net, output, caches, y, loss=loss, reduction=reduction)
+        _, grad_outs = _engine.backward_pass(net, caches, delta)
         residual = _output_residual(net, output, caches, y, loss, reduction)
         if residual is not None:
             more, more_weights = _diagonal_columns(residual)
@@ -292,9 +292,9 @@ def _squares_of_grads(layers, caches, grad_outs) -> list:
 
 def _statistics(net, x, y, loss, reduction, dropout_key):
     """(sum_n ghat_n^2, sum_n ghat_n) with ghat_n = s g_n, from the deltas of one ordinary backward pass."""
-    output, caches = _backprop.forward_pass(net, x, dropout_key)
-    _, delta = _backprop.loss_and_output_delta(net, output, caches, y, loss=loss, reduction=reduction)
-    grads, grad_outs = _backprop.backward_pass(net, caches, delta)
+    output, caches = _engine.forward_pass(net, x, dropout_key)
+    _, delta = _engine.loss_and_output_delta(net, output, caches, y, loss=loss, reduction=reduction)
+    grads, grad_outs = _engine.backward_pass(net, caches, delta)
     return like(net, _squares_of_grads(_top_layers(net), caches, grad_outs)), grads
 
 
@@ -321,7 +321,7 @@ def _kronecker_visit(layer: object, cache: object, columns: Array, weights: Arra
 
 @functools.partial(jax.jit, static_argnames=("loss", "reduction", "mc_samples"))
 def _kronecker_jit(net, x, y, key, dropout_key, *, loss, reduction, mc_samples):
-    output, caches = _backprop.forward_pass(net, x, dropout_key)
+    output, caches = _engine.forward_pass(net, x, dropout_key)
     columns = _output_columns(net, output, caches, y, loss, reduction, mc_samples, key)
     _, _, results = _sweep(
         _top_layers(net),
@@ -337,7 +337,7 @@ def _kronecker_jit(net, x, y, key, dropout_key, *, loss, reduction, mc_samples):
 
 @functools.partial(jax.jit, static_argnames=("loss", "reduction"))
 def _ggn_vector_product_jit(net, x, y, v, dropout_key, *, loss, reduction):
-    output, caches = _backprop.forward_pass(net, x, dropout_key)
+    output, caches = _engine.forward_pass(net, x, dropout_key)
     columns = _output_columns(net, output, caches, y, loss, reduction, None, None)
     tangents = {}
 
@@ -369,7 +369,7 @@ def _ggn_vector_product_jit(net, x, y, v, dropout_key, *, loss, reduction):
     projected = sum(part for part in dots if part is not None)  # (S_n^T J_n v)_m, (N, M)
     # G v = sum_n J_n^T S_n (S_n^T J_n v): one backward pass from sum_m (S^T J v)_nm S_nm
     start = jnp.einsum("nm,nm...->n...", projected, columns)
-    product, _ = _backprop.backward_pass(net, caches, start)
+    product, _ = _engine.backward_pass(net, caches, start)
     return product
 
 
@@ -393,7 +393,7 @@ def _has_parameters(layer: object) -> bool:
 
 
 def _validate(net: AnyNetwork, x, y, loss: str, reduction: str, quantity: str) -> None:
-    _backprop.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    _engine.validate_inputs(net, x, y, loss=loss, reduction=reduction)
     if loss not in CURVATURE_LOSSES:
         raise ValueError(
             f"{quantity}: loss {loss!r} has no factorised output Hessian in purebp, so its curvature is not "
@@ -419,7 +419,7 @@ def _validate(net: AnyNetwork, x, y, loss: str, reduction: str, quantity: str) -
                 "block; Kronecker factors are defined for dense and conv1d layers"
             )
     if quantity == "diag_hessian" and loss == "mse":
-        name = _backprop.output_layer_activation(net)
+        name = _engine.output_layer_activation(net)
         output = None if name is None else _activations.get(name)
         if output is not None and not output.elementwise:
             raise ValueError(
@@ -474,7 +474,7 @@ def _validate_samples(mc_samples: object, key: object, quantity: str, *, require
 
 
 def _prepare(net, x, y, loss, reduction, dropout_key, quantity):
-    x, y = _backprop.coerce_inputs(net, x, y)
+    x, y = _engine.coerce_inputs(net, x, y)
     _validate(net, x, y, loss, reduction, quantity)
     if dropout_key is not None:
         validate_key(dropout_key)

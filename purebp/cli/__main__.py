@@ -1,0 +1,5 @@
+import sys
+
+from purebp.cli.main import main
+
+sys.exit(main())
