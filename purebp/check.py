@@ -17,6 +17,7 @@ import numpy as np
 
 from purebp import activations as _activations
 from purebp import engine as _engine
+from purebp import inputs as _inputs
 from purebp import layers as _layers
 from purebp import programs as _programs
 from purebp.network import AnyNetwork, Network
@@ -75,8 +76,8 @@ def autodiff_value_and_grad(
 
     Same signature and checks as ``purebp.value_and_grad``, so the two can be swapped.
     """
-    x, y = _engine.coerce_inputs(net, x, y)
-    _engine.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    x, y = _inputs.coerce_inputs(net, x, y)
+    _inputs.validate_inputs(net, x, y, loss=loss, reduction=reduction)
     return _autodiff_value_and_grad_jit(net, x, y, loss, reduction, key)
 
 
@@ -281,16 +282,16 @@ def check_gradients(
     ``key`` draws dropout masks, the same for both passes (a ``Sequential``
     with dropout is checked in training mode only when a key is given).
     """
-    x, y = _engine.coerce_inputs(net, x, y)
-    _engine.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    x, y = _inputs.coerce_inputs(net, x, y)
+    _inputs.validate_inputs(net, x, y, loss=loss, reduction=reduction)
     dtype = np.dtype(net.dtype or x.dtype)
     if tolerance is None:
         tolerance = TOLERANCE.get(dtype, 1e-5)
     floor = FLOOR.get(dtype, FLOOR[np.dtype("float32")])
     # a NaN in the inputs makes both gradients NaN: say so instead of reporting a mismatch
-    _engine.check_finite("check_gradients: the input", x=x, y=y)
+    _inputs.check_finite("check_gradients: the input", x=x, y=y)
     leaves = jax.tree.leaves(net)
-    _engine.check_finite(
+    _inputs.check_finite(
         "check_gradients: the network",
         **{f"layer {layer} {name}": leaf for (layer, name), leaf in zip(leaf_names(net), leaves)},
     )
@@ -424,7 +425,7 @@ def check_layer(
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"check_layer: x must be a floating array, got dtype {x.dtype}")
     if key is not None:
-        _engine.check_key(key)
+        _inputs.check_key(key)
     keys = None if key is None else _layers.example_keys(key, x.shape[0])
     return _check_layer(layer, x, keys, tolerance, seed)
 

@@ -49,6 +49,7 @@ import numpy as np
 
 from purebp import activations as _activations
 from purebp import engine as _engine
+from purebp import inputs as _inputs
 from purebp import losses as _losses
 from purebp.extras.per_example import validate_key
 from purebp.layers import Conv1d, Dense, Dropout, Flatten, LayerNorm, Residual
@@ -393,7 +394,7 @@ def _has_parameters(layer: object) -> bool:
 
 
 def _validate(net: AnyNetwork, x, y, loss: str, reduction: str, quantity: str) -> None:
-    _engine.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    _inputs.validate_inputs(net, x, y, loss=loss, reduction=reduction)
     if loss not in CURVATURE_LOSSES:
         raise ValueError(
             f"{quantity}: loss {loss!r} has no factorised output Hessian in purebp, so its curvature is not "
@@ -474,7 +475,7 @@ def _validate_samples(mc_samples: object, key: object, quantity: str, *, require
 
 
 def _prepare(net, x, y, loss, reduction, dropout_key, quantity):
-    x, y = _engine.coerce_inputs(net, x, y)
+    x, y = _inputs.coerce_inputs(net, x, y)
     _validate(net, x, y, loss, reduction, quantity)
     if dropout_key is not None:
         validate_key(dropout_key)

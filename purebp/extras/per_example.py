@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 from purebp import engine as _engine
+from purebp import inputs as _inputs
 from purebp import layers as _layers
 from purebp.network import AnyNetwork, like
 
@@ -193,8 +194,8 @@ def per_example_grads(net: AnyNetwork, x: Array, y: Array, *, loss: str, key: Ar
     dropout masks, as in ``value_and_grad``. Memory is N times the parameter
     count: for norms alone use ``per_example_grad_norms``.
     """
-    x, y = _engine.coerce_inputs(net, x, y)
-    _engine.validate_inputs(net, x, y, loss=loss, reduction="sum")
+    x, y = _inputs.coerce_inputs(net, x, y)
+    _inputs.validate_inputs(net, x, y, loss=loss, reduction="sum")
     return _per_example_grads_jit(net, x, y, loss, key)
 
 
@@ -215,8 +216,8 @@ def per_example_grad_norms(
     """
     if not isinstance(per_layer, bool):
         raise TypeError(f"per_layer must be True or False, got {per_layer!r}")
-    x, y = _engine.coerce_inputs(net, x, y)
-    _engine.validate_inputs(net, x, y, loss=loss, reduction="sum")
+    x, y = _inputs.coerce_inputs(net, x, y)
+    _inputs.validate_inputs(net, x, y, loss=loss, reduction="sum")
     return _per_example_grad_norms_jit(net, x, y, loss, per_layer, key)
 
 
@@ -290,7 +291,7 @@ def _validate_dp(net, x, y, key, loss, l2_norm_clip, noise_multiplier, reduction
     """Raise ValueError/TypeError before compiling if the DP arguments are wrong."""
     if reduction not in DP_REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; valid reductions: {', '.join(DP_REDUCTIONS)}")
-    _engine.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    _inputs.validate_inputs(net, x, y, loss=loss, reduction=reduction)
     validate_key(key)
     _validate_nonnegative_scalar("l2_norm_clip", l2_norm_clip)
     _validate_nonnegative_scalar("noise_multiplier", noise_multiplier)

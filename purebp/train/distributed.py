@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from purebp import engine as _engine
+from purebp import inputs as _inputs
 from purebp import programs as _programs
 from purebp.network import AnyNetwork
 
@@ -131,8 +132,8 @@ def data_parallel_value_and_grad(
     examples (``fold_in(key, global example index)``), so any number of
     devices gives the masks of one device, and the result to rounding.
     """
-    x, y = _engine.coerce_inputs(net, x, y)
-    _engine.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    x, y = _inputs.coerce_inputs(net, x, y)
+    _inputs.validate_inputs(net, x, y, loss=loss, reduction=reduction)
     validate_mesh(mesh, axis, x.shape[0])
     return sharded_value_and_grad(mesh, axis, loss, reduction)(net, x, y, key)
 

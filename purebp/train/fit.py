@@ -36,6 +36,7 @@ import optax
 
 from purebp import check as _check
 from purebp import engine as _engine
+from purebp import inputs as _inputs
 from purebp import losses as _losses
 from purebp import programs
 from purebp.extras import rules as _rules
@@ -419,8 +420,8 @@ def evaluate(
     any loss whose targets are class labels or one-hot rows (e.g. mse on
     one-hot targets), comparing the argmax of the output with the argmax of y.
     """
-    x, y = _engine.coerce_inputs(net, x, y)
-    _engine.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    x, y = _inputs.coerce_inputs(net, x, y)
+    _inputs.validate_inputs(net, x, y, loss=loss, reduction=reduction)
     value, correct = _evaluate_jit(net, x, y, loss, reduction)
     metrics = {"loss": float(value)}
     if accuracy or (accuracy is None and loss in _losses.CLASSIFICATION_LOSSES):
@@ -723,14 +724,14 @@ def _validate_fit(
     else:
         validate_network(net)
     x, y = _split_pair("train", train)
-    x, y = _engine.coerce_inputs(net, x, y)
-    _engine.check_finite("the training data", x=x, y=y)  # first: a NaN label is not a bad label
-    _engine.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    x, y = _inputs.coerce_inputs(net, x, y)
+    _inputs.check_finite("the training data", x=x, y=y)  # first: a NaN label is not a bad label
+    _inputs.validate_inputs(net, x, y, loss=loss, reduction=reduction)
     eval_data = None
     if eval is not None:
-        x_eval, y_eval = _engine.coerce_inputs(net, *_split_pair("eval", eval))
-        _engine.check_finite("the eval data", x=x_eval, y=y_eval)
-        _engine.validate_inputs(net, x_eval, y_eval, loss=loss, reduction=reduction)
+        x_eval, y_eval = _inputs.coerce_inputs(net, *_split_pair("eval", eval))
+        _inputs.check_finite("the eval data", x=x_eval, y=y_eval)
+        _inputs.validate_inputs(net, x_eval, y_eval, loss=loss, reduction=reduction)
         eval_data = (x_eval, y_eval)
     _gradient_function(gradient)
     if optimizer is None:

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from purebp import engine as _engine
+from purebp import inputs as _inputs
 from purebp.network import AnyNetwork, Network, Sequential, supported_dtype
 
 Array = jax.Array
@@ -98,7 +99,7 @@ def mixed_value_and_grad(compute_dtype: object, *, loss_scale: float = 1.0) -> G
     def value_and_grad(
         net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str = "mean", key: Array | None = None
     ) -> tuple[Array, AnyNetwork]:
-        _engine.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+        _inputs.validate_inputs(net, x, y, loss=loss, reduction=reduction)
         _check_scaled_delta(compute, scale, x.shape[0], reduction)
         return _mixed_value_and_grad_jit(net, x, y, loss, reduction, compute, scale, key)
 
