@@ -46,7 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from purebp.layers import AvgPool1d, Conv1d, Dense, Dropout, Flatten, LayerNorm, MaxPool1d, Residual
-from purebp.network import Layer, Network, Sequential, validate_network, validate_sequential
+from purebp.layers import Dense as _Dense
+from purebp.network import Sequential, validate_architecture, validate_sequential
+from purebp.version import __version__
 
 FORMAT_MLP = "purebp-checkpoint-1"
 FORMAT_SEQUENTIAL = "purebp-checkpoint-2"
@@ -62,7 +64,7 @@ class CheckpointError(ValueError):
 class Checkpoint:
     """What ``load_checkpoint`` returns. ``opt_state`` is None unless a template was given."""
 
-    net: Network | Sequential
+    net: Sequential
     opt_state: Any
     step: int
     key: jax.Array | None
@@ -70,8 +72,6 @@ class Checkpoint:
 
 
 def _version() -> str:
-    from purebp import __version__
-
     return __version__
 
 
@@ -205,7 +205,7 @@ def describe_layer(layer: object, where: str = "layer") -> dict:
     }
 
 
-def describe_network(net: Network | Sequential) -> dict:
+def describe_network(net: Sequential) -> dict:
     """Return a JSON-able description of ``net``'s architecture (no parameter values).
 
     A ``Network``: ``{"kind": "mlp", "sizes", "activations", "dtype"}``. A
@@ -216,13 +216,6 @@ def describe_network(net: Network | Sequential) -> dict:
     from the checkpoint). Raises TypeError for anything else, and for a
     built-in layer whose static field is not a plain Python value.
     """
-    if isinstance(net, Network):
-        return {
-            "kind": "mlp",
-            "sizes": [int(n) for n in net.sizes],
-            "activations": list(net.activations),
-            "dtype": str(net.dtype),
-        }
     if isinstance(net, Sequential):
         dtype = net.dtype
         layers = _layers_tuple(net.layers, "the network")
@@ -232,7 +225,7 @@ def describe_network(net: Network | Sequential) -> dict:
             "dtype": None if dtype is None else str(dtype),
             "layers": [describe_layer(layer, f"layers[{i}]") for i, layer in enumerate(layers)],
         }
-    raise TypeError(f"expected a purebp.Network or purebp.Sequential, got {type(net).__name__}")
+    raise TypeError(f"expected a purebp.Sequential, got {type(net).__name__}")
 
 
 def _skeleton(path: str, description: dict) -> Sequential:
@@ -310,7 +303,7 @@ def _shape_dtype(array: np.ndarray) -> list:
 
 def save_checkpoint(
     path: str | os.PathLike,
-    net: Network | Sequential,
+    net: Sequential,
     opt_state: Any = None,
     *,
     step: int = 0,
@@ -327,19 +320,7 @@ def save_checkpoint(
     """
     path = os.fspath(path)
     arrays: dict[str, np.ndarray] = {}
-    if isinstance(net, Network):
-        validate_network(net)
-        for l, layer in enumerate(net.layers):
-            arrays[f"net/{l}/w"] = np.asarray(layer.w)
-            arrays[f"net/{l}/b"] = np.asarray(layer.b)
-        meta: dict[str, Any] = {
-            "format": FORMAT_MLP,
-            "purebp_version": _version(),
-            "sizes": list(net.sizes),
-            "activations": list(net.activations),
-            "dtype": str(net.dtype),
-        }
-    elif isinstance(net, Sequential):
+    if isinstance(net, Sequential):
         validate_sequential(net)
         description = describe_network(net)
         leaves, treedef = jax.tree_util.tree_flatten_with_path(net)
@@ -354,7 +335,7 @@ def save_checkpoint(
             "param_leaves": [_shape_dtype(arrays[f"params/{i}"]) for i in range(len(leaves))],
         }
     else:
-        raise TypeError(f"save_checkpoint: expected a purebp.Network or purebp.Sequential, got {type(net).__name__}")
+        raise TypeError(f"save_checkpoint: expected a purebp.Sequential, got {type(net).__name__}")
     opt_leaves, opt_treedef = jax.tree.flatten(opt_state)
     for i, leaf in enumerate(opt_leaves):
         arrays[f"opt/{i}"] = np.asarray(leaf)
@@ -427,7 +408,7 @@ def load_checkpoint(
     path: str | os.PathLike,
     *,
     opt_state_template: Any = None,
-    net_template: Network | Sequential | None = None,
+    net_template: Sequential | None = None,
 ) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint``; return a ``Checkpoint``.
 
@@ -444,7 +425,7 @@ def load_checkpoint(
     path = os.fspath(path)
     if net_template is not None:
         describe_network(net_template)  # a TypeError for anything but a network, before the file is read
-        (validate_network if isinstance(net_template, Network) else validate_sequential)(net_template)
+        validate_sequential(net_template)
     arrays = _read(path)
     try:
         meta = json.loads(arrays.pop("meta").tobytes().decode("utf-8"))
@@ -457,10 +438,9 @@ def load_checkpoint(
         raise CheckpointError(f"{path} is not a purebp checkpoint of format {' or '.join(FORMATS)} (format {found!r})")
     try:
         if found == FORMAT_MLP:
+            net = _restore_network(path, arrays, meta)  # the MLP format of earlier versions, read into a Sequential
             if net_template is not None:
-                fields = ("sizes", "activations", "dtype")
-                _match_template(path, {"kind": "mlp"} | {name: meta[name] for name in fields}, net_template)
-            net = _restore_network(path, arrays, meta)
+                _match_template(path, describe_network(net), net_template)
         else:
             net = _restore_sequential(path, arrays, meta, net_template)
         opt_state = None
@@ -479,7 +459,7 @@ def load_checkpoint(
 
 
 def load_checkpoint_if_exists(
-    path: str | os.PathLike, *, opt_state_template: Any = None, net_template: Network | Sequential | None = None
+    path: str | os.PathLike, *, opt_state_template: Any = None, net_template: Sequential | None = None
 ) -> Checkpoint | None:
     """``load_checkpoint`` if ``path`` exists, else None (for resuming a run that may not have started)."""
     if not os.path.exists(path):
@@ -487,13 +467,13 @@ def load_checkpoint_if_exists(
     return load_checkpoint(path, opt_state_template=opt_state_template, net_template=net_template)
 
 
-def _match_template(path: str, saved_description: dict, template: Network | Sequential) -> None:
+def _match_template(path: str, saved_description: dict, template: Sequential) -> None:
     difference = _first_difference(saved_description, describe_network(template), "")
     if difference is not None:
         raise CheckpointError(f"checkpoint {path} does not match net_template: {difference}")
 
 
-def _restore_network(path: str, arrays: dict[str, np.ndarray], meta: dict) -> Network:
+def _restore_network(path: str, arrays: dict[str, np.ndarray], meta: dict) -> Sequential:
     sizes, activations, dtype = meta["sizes"], tuple(meta["activations"]), _dtype(path, meta["dtype"])
     _needs_x64(path, dtype)
     layers = []
@@ -509,17 +489,18 @@ def _restore_network(path: str, arrays: dict[str, np.ndarray], meta: dict) -> Ne
                     f"checkpoint {path}: {entry} is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
                 )
             leaves[name] = jnp.asarray(array)
-        layers.append(Layer(**leaves))
-    net = Network(layers=tuple(layers), activations=activations)
+        layers.append(_Dense(leaves["w"], leaves["b"], activations[l] if l < len(activations) else "identity"))
+    net = Sequential(layers=tuple(layers), input_shape=(int(sizes[0]),))
     try:
-        validate_network(net)
+        validate_architecture(sizes, activations)
+        validate_sequential(net)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path} holds an invalid network: {error}") from error
     return net
 
 
 def _restore_sequential(
-    path: str, arrays: dict[str, np.ndarray], meta: dict, template: Network | Sequential | None
+    path: str, arrays: dict[str, np.ndarray], meta: dict, template: Sequential | None
 ) -> Sequential:
     description, paths, leaf_specs = meta["network"], meta["param_paths"], meta["param_leaves"]
     if template is not None:
