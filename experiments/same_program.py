@@ -11,7 +11,7 @@ computation names, stack frames). Equal text means the same kernels in the
 same order: the same speed on any machine, whatever its load.
 
     python -m experiments.same_program                      # baseline 2332618, writes results/same_program.md
-    python -m experiments.same_program --baseline HEAD~3    # any revision that has purebp.engine._value_and_grad_jit
+    python -m experiments.same_program --baseline HEAD~3    # any revision with purebp.engine (or purebp.backprop)._value_and_grad_jit
 """
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ CHILD = r"""
 import json, re, sys
 import jax, jax.numpy as jnp
 import purebp as pb
-from purebp import engine as backprop
+try:
+    from purebp import engine as backprop
+except ImportError:  # revisions before the layout: purebp/backprop.py
+    from purebp import backprop
 configs = json.loads(sys.argv[1])
 out = {}
 # the control: the first network with reduction "sum", one multiply fewer: the comparison must see it

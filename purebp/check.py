@@ -206,6 +206,25 @@ def leaf_names(tree: object) -> list[tuple[int, str]]:
     return names
 
 
+def relative_errors(computed: list[np.ndarray], reference: list[np.ndarray], floor: float) -> list[float]:
+    """The verdict's error per leaf: ||c - r|| / max(||r||, floor * ||all of r||), the one rule of the package.
+
+    The floor keeps a leaf whose reference is (near) zero from turning rounding into a huge relative error;
+    0 when the leaves are equal. A leaf with NaN or inf scores 0 if both agree exactly (NaN where NaN), inf
+    otherwise: a NaN in stays visible, it never passes as a small error.
+    """
+    total = math.sqrt(sum(float(np.sum(r * r)) for r in reference))
+    errors = []
+    for c, r in zip(computed, reference):
+        if not (np.all(np.isfinite(c)) and np.all(np.isfinite(r))):
+            errors.append(0.0 if np.array_equal(c, r, equal_nan=True) else math.inf)
+            continue
+        difference = float(np.linalg.norm((c - r).ravel()))
+        scale = max(float(np.linalg.norm(r.ravel())), floor * total)
+        errors.append(0.0 if difference == 0.0 else (difference / scale if scale > 0 else math.inf))
+    return errors
+
+
 def compare_gradients(
     handwritten: AnyNetwork, autodiff: AnyNetwork, *, tolerance: float, floor: float
 ) -> tuple[LeafComparison, ...]:
@@ -213,14 +232,9 @@ def compare_gradients(
     h_leaves = [np.asarray(leaf, dtype=np.float64) for leaf in jax.tree.leaves(handwritten)]
     g_leaves = [np.asarray(leaf, dtype=np.float64) for leaf in jax.tree.leaves(autodiff)]
     names = leaf_names(autodiff)
-    total = math.sqrt(sum(float(np.sum(g * g)) for g in g_leaves))
     comparisons = []
-    for index, (h, g) in enumerate(zip(h_leaves, g_leaves)):
-        difference = float(np.linalg.norm((h - g).ravel()))
-        scale = max(float(np.linalg.norm(g.ravel())), floor * total)
-        relative = 0.0 if difference == 0.0 else (difference / scale if scale > 0 else math.inf)
-        if not np.all(np.isfinite(h)) or not np.all(np.isfinite(g)):
-            relative = 0.0 if np.array_equal(h, g, equal_nan=True) else math.inf
+    errors = relative_errors(h_leaves, g_leaves, floor)
+    for index, (h, g, relative) in enumerate(zip(h_leaves, g_leaves, errors)):
         comparisons.append(
             LeafComparison(
                 layer=names[index][0],
@@ -466,14 +480,8 @@ def _check_layer(layer: object, x: Array, keys: Array | None, tolerance: float |
     ]
     hands = [np.asarray(grad_in, np.float64)] + [np.asarray(g, np.float64) for g in jax.tree.leaves(grads)]
     autos = [np.asarray(auto_in, np.float64)] + [np.asarray(g, np.float64) for g in jax.tree.leaves(auto_grads)]
-    total = math.sqrt(sum(float(np.sum(g * g)) for g in autos))
     pieces = []
-    for name, h, g in zip(names, hands, autos):
-        difference = float(np.linalg.norm((h - g).ravel()))
-        scale = max(float(np.linalg.norm(g.ravel())), floor * total)
-        relative = 0.0 if difference == 0.0 else (difference / scale if scale > 0 else math.inf)
-        if not (np.all(np.isfinite(h)) and np.all(np.isfinite(g))):
-            relative = 0.0 if np.array_equal(h, g, equal_nan=True) else math.inf
+    for name, h, g, relative in zip(names, hands, autos, relative_errors(hands, autos, floor)):
         max_abs = float(np.max(np.abs(h - g))) if h.size else 0.0
         pieces.append(PieceComparison(name, h.shape, max_abs, relative, relative <= tolerance))
     return LayerReport(layer=repr(layer), dtype=dtype.name, tolerance=tolerance, pieces=tuple(pieces))

@@ -201,13 +201,6 @@ def _trace(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: 
     )
 
 
-def trace(
-    net: AnyNetwork, x: Array, y: Array, *, loss: str, reduction: str = "mean", key: Array | None = None
-) -> BackpropTrace:
-    """``backprop_trace`` unjitted and unchecked, for use inside a caller's own jit."""
-    return _trace(net, x, y, loss, reduction, key)
-
-
 @functools.partial(jax.jit, static_argnames=("loss", "reduction"))
 def _value_and_grad_jit(
     net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None, rule=None

@@ -8,6 +8,7 @@ extras and training all call these; none keeps a copy.
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -121,19 +122,26 @@ def check_values(n_out: int, y: Array | None, loss: str | None) -> None:
         _validate_target_values(np.asarray(y), loss, n_out)
 
 
-def check_key(key: object) -> None:
-    """Raise TypeError unless ``key`` is None or one PRNG key (a typed key of shape (), or a raw uint32[2] key)."""
-    if key is None:
+def check_key(key: object, *, name: str = "key", required: bool = False) -> None:
+    """Raise unless ``key`` is one JAX random key (a typed key of shape (), or a legacy uint32[2] key), or None.
+
+    None passes unless ``required``. TypeError for anything that is not a key, ValueError for an array of
+    several typed keys. The one key check of the package: the engine, the extras and training call it.
+    """
+    if key is None and not required:
         return
-    dtype = getattr(key, "dtype", None)
-    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and key.shape == ():
+    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    if dtype is None or shape is None:
+        raise TypeError(f"{name} must be one JAX random key such as jax.random.key(0), got {type(key).__name__}")
+    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape != ():
+            raise ValueError(f"{name} must be one JAX random key (shape ()), got a key array of shape {shape}")
         return
-    if dtype == np.uint32 and getattr(key, "shape", None) == (2,):  # a raw jax.random.PRNGKey
-        return
-    raise TypeError(
-        f"key must be one PRNG key (jax.random.key(seed)), got {type(key).__name__} with shape "
-        f"{getattr(key, 'shape', None)} and dtype {dtype}"
-    )
+    if dtype != np.uint32 or tuple(shape) != (2,):
+        raise TypeError(
+            f"{name} must be one JAX random key such as jax.random.key(0) (or a legacy uint32[2] PRNGKey), "
+            f"got {type(key).__name__} of dtype {dtype} and shape {tuple(shape)}"
+        )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -239,3 +247,45 @@ def _check_unit_interval(y: np.ndarray, what: str) -> None:
     if bad.size:
         position = ", ".join(map(str, bad[0]))
         raise ValueError(f"{what} must lie in [0, 1]; got {y[tuple(bad[0])]} at y[{position}]")
+
+
+def digest(*arrays: object) -> str:
+    """A short sha256 of arrays' dtypes, shapes and bytes (16 hex digits): the one digest of the package.
+
+    Names data, parameters or fixed matrices in a run description without storing them, so that a resumed
+    run can tell that it was given the same ones.
+    """
+    hashed = hashlib.sha256()
+    for array in arrays:
+        host = np.ascontiguousarray(np.asarray(array))
+        hashed.update(f"{host.dtype}{host.shape}".encode())
+        hashed.update(host.tobytes())
+    return hashed.hexdigest()[:16]
+
+
+def json_differences(first: object, second: object, where: str = "", names: tuple[str, str] = ("first", "second"),
+                     ) -> list[str]:  # fmt: skip
+    """Every place two JSON values differ, as 'where: X in <first>, Y in <second>' (dict keys in order, lists by
+    index, then a length difference): the one JSON diff of the package (checkpoints, resumed runs)."""
+    ours, theirs = names
+    if isinstance(first, dict) and isinstance(second, dict):
+        found = []
+        for name in list(first) + [name for name in second if name not in first]:
+            inner = f"{where}.{name}" if where else str(name)
+            if name not in second:
+                found.append(f"{inner}: {first[name]!r} in {ours}, absent in {theirs}")
+            elif name not in first:
+                found.append(f"{inner}: absent in {ours}, {second[name]!r} in {theirs}")
+            else:
+                found += json_differences(first[name], second[name], inner, names)
+        return found
+    if isinstance(first, list) and isinstance(second, list):
+        found = []
+        for index, (a, b) in enumerate(zip(first, second)):
+            found += json_differences(a, b, f"{where}[{index}]", names)
+        if len(first) != len(second):
+            found.append(f"{where}: {len(first)} entries in {ours}, {len(second)} in {theirs}")
+        return found
+    if type(first) is type(second) and first == second:
+        return []
+    return [f"{where}: {first!r} in {ours}, {second!r} in {theirs}"]

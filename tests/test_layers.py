@@ -221,7 +221,7 @@ def test_per_example_and_per_layer_keys_are_fold_ins():
 def test_a_bad_key_is_refused():
     net = _resnet()
     x, y = _data()
-    with pytest.raises(TypeError, match="key must be one PRNG key"):
+    with pytest.raises(TypeError, match="key must be one JAX random key"):
         pb.value_and_grad(net, x, y, loss="softmax_cross_entropy", key=jax.random.split(jax.random.key(0), 2))
 
 

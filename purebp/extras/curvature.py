@@ -51,7 +51,6 @@ from purebp import activations as _activations
 from purebp import engine as _engine
 from purebp import inputs as _inputs
 from purebp import losses as _losses
-from purebp.extras.per_example import validate_key
 from purebp.layers import Conv1d, Dense, Dropout, Flatten, LayerNorm, Residual
 from purebp.layers.pool import AvgPool1d, MaxPool1d
 from purebp.network import AnyNetwork, Sequential, like
@@ -471,14 +470,14 @@ def _validate_samples(mc_samples: object, key: object, quantity: str, *, require
         raise ValueError(f"{quantity}: mc_samples must be a positive int, got {mc_samples!r}")
     if key is None:
         raise ValueError(f"{quantity}: mc_samples={mc_samples} draws targets, so it needs key=jax.random.key(...)")
-    validate_key(key)
+    _inputs.check_key(key)
 
 
 def _prepare(net, x, y, loss, reduction, dropout_key, quantity):
     x, y = _inputs.coerce_inputs(net, x, y)
     _validate(net, x, y, loss, reduction, quantity)
     if dropout_key is not None:
-        validate_key(dropout_key)
+        _inputs.check_key(dropout_key)
     return x, y
 
 

@@ -249,7 +249,7 @@ def dp_value_and_grad(
     """
     _validate_dp(net, x, y, key, loss, l2_norm_clip, noise_multiplier, reduction)
     if dropout_key is not None:
-        validate_key(dropout_key)
+        _inputs.check_key(dropout_key)
     return _dp_value_and_grad_jit(net, x, y, key, l2_norm_clip, noise_multiplier, loss, reduction, dropout_key)
 
 
@@ -280,7 +280,7 @@ def dp_sgd_step(
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
     _validate_dp(net, x, y, key, loss, l2_norm_clip, noise_multiplier, "mean")
     if dropout_key is not None:
-        validate_key(dropout_key)
+        _inputs.check_key(dropout_key)
     return _dp_sgd_step_jit(net, opt_state, x, y, key, l2_norm_clip, noise_multiplier, optimizer, loss, dropout_key)
 
 
@@ -292,23 +292,9 @@ def _validate_dp(net, x, y, key, loss, l2_norm_clip, noise_multiplier, reduction
     if reduction not in DP_REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; valid reductions: {', '.join(DP_REDUCTIONS)}")
     _inputs.validate_inputs(net, x, y, loss=loss, reduction=reduction)
-    validate_key(key)
+    _inputs.check_key(key, required=True)
     _validate_nonnegative_scalar("l2_norm_clip", l2_norm_clip)
     _validate_nonnegative_scalar("noise_multiplier", noise_multiplier)
-
-
-def validate_key(key: object) -> None:
-    """Raise TypeError/ValueError unless ``key`` is one JAX random key (new-style or a legacy uint32[2])."""
-    if not isinstance(key, jax.Array):
-        raise TypeError(f"key must be a JAX random key such as jax.random.key(0), got {type(key).__name__}")
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.shape != ():
-            raise ValueError(f"key must be a single random key (shape ()), got a key array of shape {key.shape}")
-    elif key.dtype != jnp.uint32 or key.shape != (2,):
-        raise TypeError(
-            f"key must be a JAX random key (jax.random.key(0) or a legacy uint32[2] PRNGKey), "
-            f"got an array of dtype {key.dtype} and shape {key.shape}"
-        )
 
 
 def _validate_nonnegative_scalar(name: str, value: object) -> None:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -57,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from purebp import engine as _engine
+from purebp import inputs as _inputs
 from purebp.layers import Dense, Dropout
 from purebp.layers.dense import init_dense
 from purebp.network import AnyNetwork, Sequential, like
@@ -365,12 +365,7 @@ def describe(rule: object) -> dict:
         description["track_weights"] = rule.track_weights
     leaves = jax.tree.leaves(rule)
     if leaves:
-        digest = hashlib.sha256()
-        for leaf in leaves:
-            host = np.ascontiguousarray(np.asarray(leaf))
-            digest.update(f"{host.dtype}{host.shape}".encode())
-            digest.update(host.tobytes())
-        description["feedback_sha256"] = digest.hexdigest()[:16]
+        description["feedback_sha256"] = _inputs.digest(*leaves)
     return description
 
 

@@ -696,13 +696,9 @@ def _leaves(gw: list, gb: list, L: int) -> list[tuple[str, int, np.ndarray]]:
 
 
 def _errors(user: list[np.ndarray], ref: list[np.ndarray], floor: float) -> list[float]:
-    """Relative error per leaf, ||u - r|| / max(||r||, floor * ||whole reference||) (check.py's rule)."""
-    total = math.sqrt(sum(float(np.sum(r * r)) for r in ref))
-    out = []
-    for u, r in zip(user, ref):
-        denominator = max(float(np.linalg.norm(r)), floor * total, 1e-300)
-        out.append(float(np.linalg.norm(u - r)) / denominator)
-    return out
+    """Relative error per leaf: the verdict's rule (``check.relative_errors``)."""
+    return _check.relative_errors([np.asarray(u, np.float64) for u in user], [np.asarray(r, np.float64) for r in ref],
+                                  floor)  # fmt: skip
 
 
 class _Outcome:
