@@ -296,39 +296,16 @@ def check_gradients(
     ``key`` draws dropout masks, the same for both passes (a ``Sequential``
     with dropout is checked in training mode only when a key is given).
     """
-    x, y = _inputs.coerce_inputs(net, x, y)
-    _inputs.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    x, y = _finite_inputs(net, x, y, loss, reduction)
     dtype = np.dtype(net.dtype or x.dtype)
-    if tolerance is None:
-        tolerance = TOLERANCE.get(dtype, 1e-5)
+    tolerance = TOLERANCE.get(dtype, 1e-5) if tolerance is None else tolerance
     floor = FLOOR.get(dtype, FLOOR[np.dtype("float32")])
-    # a NaN in the inputs makes both gradients NaN: say so instead of reporting a mismatch
-    _inputs.check_finite("check_gradients: the input", x=x, y=y)
-    leaves = jax.tree.leaves(net)
-    _inputs.check_finite(
-        "check_gradients: the network",
-        **{f"layer {layer} {name}": leaf for (layer, name), leaf in zip(leaf_names(net), leaves)},
-    )
-    with jax.default_matmul_precision("highest"):
-        # with a key the -O0 program has returned -inf/NaN for jax.grad's side on CPU (seen with jax 0.10.2 on
-        # a float32 stack whose keys go unused): a check with a key always takes the default compile
-        if fast_compile and key is None:
-            (value_h, grads_h), (value_g, grads_g) = _fast_compile_call(net, x, y, loss, reduction, key)
-        else:
-            value_h, grads_h = _engine.compiled_value_and_grad(net, x, y, loss, reduction, key)
-            value_g, grads_g = _autodiff_value_and_grad_jit(net, x, y, loss, reduction, key)
+    (value_h, grads_h), (value_g, grads_g) = _both_passes(net, x, y, loss, reduction, key, fast_compile)
     leaves = compare_gradients(grads_h, grads_g, tolerance=tolerance, floor=floor)
     reference_dtype = None
     if dtype in LOW_PRECISION:
         leaves, reference_dtype = _with_reference(leaves, net, x, y, loss, reduction, key, grads_h, grads_g, floor)
     value_h, value_g = float(value_h), float(value_g)
-    if value_h == value_g:
-        loss_error = 0.0
-    elif math.isfinite(value_h) and math.isfinite(value_g):
-        # jnp.finfo: np.finfo rejects the ml_dtypes types (bfloat16 is "not inexact" to NumPy)
-        loss_error = abs(value_h - value_g) / max(abs(value_g), float(jnp.finfo(dtype).tiny))
-    else:
-        loss_error = math.inf
     mlp = is_mlp(net)
     return GradientReport(
         sizes=net.sizes if mlp else (),
@@ -340,10 +317,42 @@ def check_gradients(
         tolerance=tolerance,
         loss_handwritten=value_h,
         loss_autodiff=value_g,
-        loss_relative_error=loss_error,
+        loss_relative_error=_loss_error(value_h, value_g, dtype),
         leaves=leaves,
         reference_dtype=reference_dtype,
     )
+
+
+def _finite_inputs(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str) -> tuple[Array, Array]:
+    x, y = _inputs.coerce_inputs(net, x, y)
+    _inputs.validate_inputs(net, x, y, loss=loss, reduction=reduction)
+    # a NaN in the inputs makes both gradients NaN: say so instead of reporting a mismatch
+    _inputs.check_finite("check_gradients: the input", x=x, y=y)
+    _inputs.check_finite(
+        "check_gradients: the network",
+        **{f"layer {layer} {name}": leaf for (layer, name), leaf in zip(leaf_names(net), jax.tree.leaves(net))},
+    )
+    return x, y
+
+
+def _both_passes(net, x, y, loss, reduction, key, fast_compile):
+    """((L, grads) by the hand-written pass, (L, grads) by autodiff), both jitted at the highest matmul precision."""
+    with jax.default_matmul_precision("highest"):
+        # with a key the -O0 program has returned -inf/NaN for jax.grad's side on CPU (seen with jax 0.10.2 on
+        # a float32 stack whose keys go unused): a check with a key always takes the default compile
+        if fast_compile and key is None:
+            return _fast_compile_call(net, x, y, loss, reduction, key)
+        handwritten = _engine.compiled_value_and_grad(net, x, y, loss, reduction, key)
+        return handwritten, _autodiff_value_and_grad_jit(net, x, y, loss, reduction, key)
+
+
+def _loss_error(value_h: float, value_g: float, dtype: np.dtype) -> float:
+    if value_h == value_g:
+        return 0.0
+    if math.isfinite(value_h) and math.isfinite(value_g):
+        # jnp.finfo: np.finfo rejects the ml_dtypes types (bfloat16 is "not inexact" to NumPy)
+        return abs(value_h - value_g) / max(abs(value_g), float(jnp.finfo(dtype).tiny))
+    return math.inf
 
 
 def _with_reference(leaves, net, x, y, loss, reduction, key, grads_h, grads_g, floor):
@@ -598,30 +607,15 @@ def check_loss_derivative(
 
     values = attempt("the cost", lambda: cost(z, a, y))
     _check_returned(name, "the cost", values, LOSS_SAMPLE_SHAPE[:1], dtype)
-    values = np.asarray(values)
-    if not np.all(np.isfinite(values)):
-        n = int(np.flatnonzero(~np.isfinite(values))[0])
-        raise ValueError(
-            f"loss {name!r}: the cost is {values[n]} at sample example {n} ({_describe_point(points, n)}); "
-            "it must be finite there (sample points: see purebp.check.check_loss_derivative)"
-            + ("; a cost defined on some outputs only names that output_activation" if not output_activation else "")
-        )
+    _check_finite_cost(name, np.asarray(values), points, output_activation)
     given = attempt(where, lambda: derivative(z, a, y))
     _check_returned(name, where, given, LOSS_SAMPLE_SHAPE, dtype)
     if output_delta is None and output_activation is None:
         grad_z, expected = attempt(
             "autodiff of the cost", lambda: jax.grad(lambda z_, a_: jnp.sum(cost(z_, a_, y)), argnums=(0, 1))(z, a)
         )
-        grad_z, expected = np.asarray(grad_z), np.asarray(expected)
-        reads_z = ~(np.abs(grad_z) <= rtol * float(np.max(np.abs(expected), initial=0.0)) + atol)
-        if np.any(reads_z):
-            n, j = np.unravel_index(int(np.argmax(np.where(reads_z, np.abs(grad_z), -1.0))), grad_z.shape)
-            raise ValueError(
-                f"loss {name!r}: with output_activation=None (any output layer) the cost may read a only, since "
-                f"delta^L = dC/da (.) G'(z) must hold for every G; but autodiff gives dC/dz = {grad_z[n, j]:.10g} "
-                f"at example {n}, output {j} ({_describe_point(points, n, j)}): name the output activation "
-                "the cost is defined on (output_activation=...)"
-            )
+        expected = np.asarray(expected)
+        _refuse_a_cost_reading_z(name, np.asarray(grad_z), expected, points, rtol, atol)
         what, label, autodiff = "grad_output", "grad_output", "autodiff's dC/da"
     else:
         expected = attempt(
@@ -635,6 +629,28 @@ def check_loss_derivative(
             what = label = "output_delta"
         autodiff = "autodiff's dC/dz"
     _compare_loss_derivative(name, what, label, np.asarray(given), np.asarray(expected), points, rtol, atol, autodiff)
+
+
+def _refuse_a_cost_reading_z(name: str, grad_z: np.ndarray, expected: np.ndarray, points: tuple, rtol, atol):
+    reads_z = ~(np.abs(grad_z) <= rtol * float(np.max(np.abs(expected), initial=0.0)) + atol)
+    if np.any(reads_z):
+        n, j = np.unravel_index(int(np.argmax(np.where(reads_z, np.abs(grad_z), -1.0))), grad_z.shape)
+        raise ValueError(
+            f"loss {name!r}: with output_activation=None (any output layer) the cost may read a only, since "
+            f"delta^L = dC/da (.) G'(z) must hold for every G; but autodiff gives dC/dz = {grad_z[n, j]:.10g} "
+            f"at example {n}, output {j} ({_describe_point(points, n, j)}): name the output activation "
+            "the cost is defined on (output_activation=...)"
+        )
+
+
+def _check_finite_cost(name: str, values: np.ndarray, points: tuple, output_activation: str | None) -> None:
+    if not np.all(np.isfinite(values)):
+        n = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise ValueError(
+            f"loss {name!r}: the cost is {values[n]} at sample example {n} ({_describe_point(points, n)}); "
+            "it must be finite there (sample points: see purebp.check.check_loss_derivative)"
+            + ("; a cost defined on some outputs only names that output_activation" if not output_activation else "")
+        )
 
 
 def _check_returned(name: str, what: str, value, shape: tuple[int, ...], dtype: np.dtype) -> None:

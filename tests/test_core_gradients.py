@@ -6,6 +6,8 @@ and 1e-5 in float32 against jax.grad and against the NumPy and scalar oracles;
 1e-6 against float64 central finite differences.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,19 +18,19 @@ from hypothesis import strategies as st
 import purebp as pb
 from purebp import losses
 from purebp.check import TOLERANCE, compare_gradients
-from purebp.network import Layer, Network
+from purebp.network import dense_stack
 from purebp.testing import LOSS_OUTPUT_PAIRS, CaseSpec, assert_gradients_match, cases, make_case
 from reference import finite_differences, numpy_matrix, scalar_chain_rule
 
 SMOOTH = ("identity", "sigmoid", "tanh", "softplus", "gelu", "elu")  # no kink for finite differences to straddle
 
 
-def as_network(weights, biases, activations) -> Network:
-    layers = tuple(Layer(w=np.asarray(w, np.float64), b=np.asarray(b, np.float64)) for w, b in zip(weights, biases))
-    return Network(layers=layers, activations=tuple(activations))
+def as_network(weights, biases, activations) -> pb.Sequential:
+    weights = [np.asarray(w, np.float64) for w in weights]
+    return dense_stack(weights, [np.asarray(b, np.float64) for b in biases], tuple(activations))
 
 
-def assert_close_to_oracle(case, oracle_loss, oracle_grads: Network, tolerance: float):
+def assert_close_to_oracle(case, oracle_loss, oracle_grads: pb.Sequential, tolerance: float):
     loss, grads = pb.value_and_grad(case.net, case.x, case.y, loss=case.loss, reduction=case.reduction)
     floor = 1e-6 if case.spec.dtype == "float64" else 1e-3
     leaves = compare_gradients(grads, oracle_grads, tolerance=tolerance, floor=floor)
@@ -78,7 +80,7 @@ def test_saturated_inputs_give_finite_matching_gradients(case):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_output_at_plus_minus_1e3_is_finite(loss, output, dtype):
     """z^L = +-1000 exactly: log(0) would appear in a naive cost; the stable forms stay finite."""
-    net = Network(layers=(Layer(w=jnp.eye(2, dtype=dtype), b=jnp.zeros((2,), dtype=dtype)),), activations=(output,))
+    net = dense_stack([jnp.eye(2, dtype=dtype)], [jnp.zeros((2,), dtype=dtype)], (output,))
     x = jnp.asarray([[1000.0, -1000.0], [-1000.0, 1000.0]], dtype=dtype)
     if loss in losses.CLASSIFICATION_LOSSES:
         y = jnp.asarray([1, 1])
@@ -132,11 +134,8 @@ def _reported_loss(case):
     """L(theta) as purebp.value_and_grad reports it, as a function of float64 parameter arrays."""
 
     def loss(parameters):
-        layers = tuple(
-            Layer(w=jnp.asarray(parameters[2 * l]), b=jnp.asarray(parameters[2 * l + 1]))
-            for l in range(len(parameters) // 2)
-        )
-        net = Network(layers=layers, activations=case.net.activations)
+        weights = [jnp.asarray(w) for w in parameters[0::2]]
+        net = dense_stack(weights, [jnp.asarray(b) for b in parameters[1::2]], case.net.activations)
         return float(pb.value_and_grad(net, case.x, case.y, loss=case.loss, reduction=case.reduction)[0])
 
     return loss
@@ -178,7 +177,7 @@ def test_every_loss_output_pair_with_multiple_outputs_matches_finite_differences
 @settings(max_examples=6)
 @given(cases(losses=("cross_entropy",), max_depth=3, max_width=16))
 def test_softmax_plus_cross_entropy_equals_identity_plus_softmax_cross_entropy(case):
-    logits_net = Network(layers=case.net.layers, activations=(*case.net.activations[:-1], "identity"))
+    logits_net = dataclasses.replace(case.net, layers=(*case.net.layers[:-1], case.net.layers[-1].linear()))
     loss_a, grads_a = pb.value_and_grad(case.net, case.x, case.y, loss="cross_entropy", reduction=case.reduction)
     loss_b, grads_b = pb.value_and_grad(
         logits_net, case.x, case.y, loss="softmax_cross_entropy", reduction=case.reduction
@@ -225,7 +224,7 @@ def test_grads_have_the_network_tree_structure_and_line_up_with_jax_grad():
     autodiff_grads = pb.autodiff_value_and_grad(case.net, case.x, case.y, loss=case.loss)[1]
     assert jax.tree.structure(grads) == jax.tree.structure(case.net) == jax.tree.structure(autodiff_grads)
     stepped = jax.tree.map(lambda p, g: p - 0.1 * g, case.net, grads)
-    assert isinstance(stepped, Network) and stepped.activations == case.net.activations
+    assert isinstance(stepped, pb.Sequential) and stepped.activations == case.net.activations
     for p, g, s in zip(jax.tree.leaves(case.net), jax.tree.leaves(grads), jax.tree.leaves(stepped)):
         assert p.shape == g.shape == s.shape and p.dtype == g.dtype
         np.testing.assert_array_equal(s, p - 0.1 * g)
