@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from purebp.kit.backprop import BackpropCase, assert_backprop_matches, check_backprop, main_check_backprop
+from purebp.cli.check_backprop import main_check_backprop
+from purebp.kit.backprop import BackpropCase, assert_backprop_matches, check_backprop
 
 
 def sigmoid(z):
