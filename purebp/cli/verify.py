@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from purebp.cli.arguments import enable_x64_if
+
+# The defaults of each mode: a quick check that passes (about 20 s at most on 2 idle cores, nearly all of it
+# compiling: one program per architecture). Larger stacks take longer to compile, and at depth 8, width 64,
+# batch 64 some float64 stacks are flagged falsely (a conv bias that a layer norm cancels: see the README's
+# "purebp verify"), so the stack bounds are smaller; the options reach every size.
+DEFAULTS = {
+    "mlp": {"trials": 40, "max_depth": 8, "max_width": 64, "max_batch": 64},
+    "all": {"trials": 6, "max_depth": 4, "max_width": 16, "max_batch": 16},
+}
+
+
+def _describe_defaults(layers: str) -> str:
+    bounds = DEFAULTS[layers]
+    return (
+        f"{bounds['trials']} architectures of depth <= {bounds['max_depth']}, width <= {bounds['max_width']}, "
+        f"batch <= {bounds['max_batch']}"
+    )
 
 
 def add_verify_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -13,7 +31,7 @@ def add_verify_parser(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "verify",
-        help="random architectures through check_gradients (hand-written vs JAX autodiff)",
+        help="random architectures through check_gradients (hand-written vs JAX autodiff); a few seconds",
         description="Draw random architectures and compare the hand-written gradient with JAX autodiff on each; "
         "one row per architecture as soon as it is checked. --layers mlp (default): MLPs of depth 1-8, widths "
         "1-64, any activation per hidden layer, every valid output/cost pair, batch 1-64, both reductions. "
@@ -22,9 +40,19 @@ def add_verify_parser(subparsers: argparse._SubParsersAction) -> None:
         "every cost, printed compactly: " + NOTATION_HELP + " (e.g. "
         "in4>d5t>r(d5r,ln)>do.25>d3). Each architecture is a new program, compiled once and run once, so by "
         "default its two gradients are compiled together, on CPU at XLA's quick settings (LLVM -O0: the same "
-        "ops, less optimised kernels). Exit code 1 on any mismatch.",
+        "ops, less optimised kernels). Compiling is nearly all the cost, so the defaults are a quick check "
+        f"(about 20 s at most on 2 idle cores): {_describe_defaults('mlp')} with --layers mlp, "
+        f"{_describe_defaults('all')} with --layers all. For more, raise --trials (an MLP takes tenths of a "
+        "second, a stack up to a few seconds: a stack with a dropout key is compiled at XLA's default settings) "
+        "and the bounds, and vary --seed, e.g. purebp verify --trials 1000 --dtype both; purebp verify --layers all "
+        "--trials 200 --max-depth 8 --max-width 64 --max-batch 64. Exit code 1 on any mismatch.",
     )
-    parser.add_argument("--trials", type=int, default=200, help="number of random architectures (default 200)")
+    parser.add_argument(
+        "--trials",
+        type=int,
+        help=f"number of random architectures (default {DEFAULTS['mlp']['trials']}; "
+        f"{DEFAULTS['all']['trials']} with --layers all)",
+    )
     parser.add_argument(
         "--layers",
         choices=("mlp", "all"),
@@ -37,10 +65,22 @@ def add_verify_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the architecture generator (default 0)")
     parser.add_argument(
-        "--max-depth", type=int, default=8, help="most layers (with --layers all: top-level layers) (default 8)"
+        "--max-depth",
+        type=int,
+        help="most layers (with --layers all: top-level layers) (default "
+        f"{DEFAULTS['mlp']['max_depth']}; {DEFAULTS['all']['max_depth']} with --layers all)",
     )
-    parser.add_argument("--max-width", type=int, default=64)
-    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument(
+        "--max-width",
+        type=int,
+        help=f"widest layer (default {DEFAULTS['mlp']['max_width']}; {DEFAULTS['all']['max_width']} with --layers all)",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        help=f"largest batch (default {DEFAULTS['mlp']['max_batch']}; "
+        f"{DEFAULTS['all']['max_batch']} with --layers all)",
+    )
     parser.add_argument(
         "--full-compile",
         action="store_true",
@@ -95,12 +135,35 @@ def _verify_draw(args: argparse.Namespace, rng, dtype: str):
     return testing.make_case(spec), (cells, ",".join(spec.activations)), f"purebp.testing.make_case({spec!r})"
 
 
-def run_verify(args: argparse.Namespace) -> int:
+def _fill_defaults(args: argparse.Namespace) -> None:
+    # the bounds left out take their mode's defaults; the ones given are checked
+    for name, value in DEFAULTS[args.layers].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for flag, value in (("--trials", args.trials), ("--max-depth", args.max_depth),
                         ("--max-width", args.max_width), ("--max-batch", args.max_batch)):  # fmt: skip
         if value < 1:
             raise SystemExit(f"purebp verify: {flag} must be at least 1, got {value}")
+
+
+def _announce(args: argparse.Namespace, dtypes: Sequence[str]) -> None:
+    # on stderr, so that stdout stays the table: what runs, and how to run more
+    kind = "MLPs" if args.layers == "mlp" else "stacks of every layer kind"
+    print(
+        f"purebp verify: {args.trials} random {kind} in {' and '.join(dtypes)} (seed {args.seed}, depth <= "
+        f"{args.max_depth}, width <= {args.max_width}, batch <= {args.max_batch}), each compiled and checked once; "
+        "more with --trials N, --seed S and the --max-* bounds",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Check ``args.trials`` random architectures; print a row for each as it is checked; 1 on any mismatch."""
+    _fill_defaults(args)
     dtypes = ("float32", "float64") if args.dtype == "both" else (args.dtype,)
+    if not args.quiet:
+        _announce(args, dtypes)
     enable_x64_if(dtypes)
     import jax
     import numpy as np
