@@ -14,7 +14,7 @@ from purebp.cli.arguments import enable_x64_if
 # "purebp verify"), so the stack bounds are smaller; the options reach every size.
 DEFAULTS = {
     "mlp": {"trials": 40, "max_depth": 8, "max_width": 64, "max_batch": 64},
-    "all": {"trials": 6, "max_depth": 4, "max_width": 16, "max_batch": 16},
+    "all": {"trials": 5, "max_depth": 4, "max_width": 16, "max_batch": 16},
 }
 
 
