@@ -228,3 +228,32 @@ def test_layers_all_flags_a_layer_norm_backward_without_its_mean_term(capsys, mo
     flagged = [int(line.split()[0]) for line in out.splitlines() if line.split()[-2:-1] == ["MISMATCH"]]
     assert flagged == [trial for trial, found in enumerate(upstream) if found], out
     assert out.count("replay: purebp.testing.make_stack_case(StackSpec(") == len(flagged)
+
+
+@pytest.mark.parametrize(
+    ("mode", "trials", "bounds"),
+    [
+        ([], 40, "depth <= 8, width <= 64, batch <= 64"),
+        (["--layers", "all"], 5, "depth <= 4, width <= 16, batch <= 16"),
+    ],
+)
+def test_the_defaults_are_a_quick_check_that_passes_and_says_how_to_run_more(capsys, mode, trials, bounds):
+    """`purebp verify` and `purebp verify --layers all` as a user first runs them: exit 0, every row ok, and
+    an opening line (stderr) that says how many architectures of which bounds, and how to run more."""
+    assert cli.main(["verify", *mode]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == trials + 2 and all(line.split()[-2] == "ok" for line in lines[1:-1]), captured.out
+    assert f"purebp verify: {trials} architectures, 0 mismatches" in lines[-1]
+    opening = captured.err.splitlines()[0]
+    assert f"purebp verify: {trials} random" in opening and f"(seed 0, {bounds})" in opening, captured.err
+    assert "more with --trials N" in opening
+
+
+def test_help_says_what_the_defaults_check_and_how_to_run_more(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["verify", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "40 architectures of depth <= 8, width <= 64, batch <= 64 with --layers mlp" in text
+    assert "5 architectures of depth <= 4, width <= 16, batch <= 16 with --layers all" in text
+    assert "purebp verify --trials 1000 --dtype both" in text
