@@ -6,12 +6,12 @@ from hypothesis import given, settings
 
 import purebp as pb
 from purebp import activations
-from purebp.cli import main as cli
+from purebp.cli import main
 from purebp.testing import LOSS_OUTPUT_PAIRS, CaseSpec, assert_gradients_match, cases, make_case
 
 
 def test_verify_passes_and_prints_a_table_and_summary(capsys):
-    assert cli.main(["verify", "--trials", "6", "--dtype", "both", "--seed", "1", "--max-depth", "3"]) == 0
+    assert main(["verify", "--trials", "6", "--dtype", "both", "--seed", "1", "--max-depth", "3"]) == 0
     out = capsys.readouterr().out
     assert "max rel" in out and out.count("\n") >= 8
     assert "purebp verify: 6 architectures, 0 mismatches" in out
@@ -22,7 +22,7 @@ def test_verify_exits_1_and_prints_the_replayable_architecture_on_a_mismatch(cap
     jax.clear_caches()
     monkeypatch.setitem(activations._REGISTRY, "tanh", broken)
     try:
-        code = cli.main(["verify", "--trials", "12", "--seed", "0", "--max-depth", "3", "--quiet"])
+        code = main(["verify", "--trials", "12", "--seed", "0", "--max-depth", "3", "--quiet"])
     finally:
         monkeypatch.undo()
         jax.clear_caches()
@@ -33,7 +33,7 @@ def test_verify_exits_1_and_prints_the_replayable_architecture_on_a_mismatch(cap
 
 def test_verify_rejects_zero_trials():
     with pytest.raises(SystemExit, match="--trials must be at least 1"):
-        cli.main(["verify", "--trials", "0"])
+        main(["verify", "--trials", "0"])
 
 
 def test_assert_gradients_match_raises_with_the_table(monkeypatch):
@@ -70,24 +70,24 @@ def test_version_prints_the_package_version(capsys):
     from importlib import metadata
 
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--version"])
+        main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"purebp {getattr(pb, '__version__', None) or metadata.version('purebp')}"
 
 
 def test_bench_is_gone(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["bench"])
+        main(["bench"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'bench'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.main(["--help"])
+        main(["--help"])
     assert "bench" not in capsys.readouterr().out
 
 
 def test_top_level_help_says_what_train_trains(capsys):
     with pytest.raises(SystemExit):
-        cli.main(["--help"])
+        main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "train an MLP (or, with --model cnn, MNIST-1D's CNN)" in text
 
