@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import types
 
 from purebp.cli.arguments import enable_x64_if, output_path
 
@@ -111,6 +112,11 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         "--json", metavar="PATH", type=output_path, help="write the final metrics, config and history as JSON"
     )
     parser.add_argument("--plot", metavar="PATH", type=output_path, help="write loss and accuracy curves as a PNG")
+    _add_process_arguments(parser)
+    parser.set_defaults(handler=run_train, dataset="digits")
+
+
+def _add_process_arguments(parser: argparse.ArgumentParser) -> None:
     scale = parser.add_argument_group(
         "multi-process (data-parallel over jax.distributed; see 'purebp launch' to start them on one machine)"
     )
@@ -129,7 +135,6 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="S",
         help="seconds without a heartbeat before a process is declared dead and the others stop (default 100)",
     )
-    parser.set_defaults(handler=run_train, dataset="digits")
 
 
 def _parse_sizes(text: str) -> tuple[int, ...]:
@@ -277,87 +282,82 @@ def _digest(net) -> str:
     return digest.hexdigest()
 
 
-def run_train(args: argparse.Namespace) -> int:
-    import time
-
-    started = time.perf_counter()
-    enable_x64_if((args.dtype,))
+def _start_processes(args: argparse.Namespace) -> bool:
+    """Join the multi-process run the flags ask for (before the first JAX operation); return whether it is one."""
     multi_process = (args.num_processes or 1) > 1 or args.coordinator is not None
-    if multi_process:  # before the first JAX operation
+    if multi_process:
         from purebp.train import distributed
 
-        try:
-            if args.coordinator is None:
-                raise ValueError("--num-processes > 1 needs --coordinator HOST:PORT (process 0's address)")
-            if args.coordinator != distributed.AUTO and args.process_id is None:
-                raise ValueError("a multi-process run needs --process-id I (0 for the coordinator's process)")
-            distributed.initialize(
-                args.num_processes, args.process_id, args.coordinator, heartbeat_timeout=args.heartbeat_timeout
-            )
-        except (TypeError, ValueError, RuntimeError) as error:
-            print(f"purebp train: error: {error}", file=sys.stderr)
-            return 2
-    stop = _stop_on_sigterm() if args.checkpoint else None
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("purebp train: error: --plot needs matplotlib: pip install 'purebp[plot]'", file=sys.stderr)
-            return 2
-    import json
+        if args.coordinator is None:
+            raise ValueError("--num-processes > 1 needs --coordinator HOST:PORT (process 0's address)")
+        if args.coordinator != distributed.AUTO and args.process_id is None:
+            raise ValueError("a multi-process run needs --process-id I (0 for the coordinator's process)")
+        distributed.initialize(
+            args.num_processes, args.process_id, args.coordinator, heartbeat_timeout=args.heartbeat_timeout
+        )
+    return multi_process
 
+
+def _prepare(args: argparse.Namespace) -> types.SimpleNamespace:
+    """Load the data and build the network; everything the run needs, or TypeError/ValueError/ImportError."""
     import jax
 
     from purebp.network import init_mlp, init_network
-    from purebp.train.fit import DivergenceError, GradientMismatchError, evaluate, fit, format_epochs
 
-    try:
-        dataset, sizes, activations, loss, optimizer, schedule, length = _train_setup(args)
-        init_key, shuffle_key = jax.random.split(jax.random.key(args.seed))
-        if args.model == "cnn":
-            net = init_network(init_key, (1, sizes[0]), cnn_layers(sizes[-1], args.activation), dtype=args.dtype)
-            if activations[-1] != "identity":
-                raise ValueError(f"--model cnn ends in a dense identity output (logits); --loss {loss} needs another")
-        else:
-            net = init_mlp(init_key, sizes, activations, dtype=args.dtype)
-        bar, on_epoch = _progress_bar(0, "eval_accuracy")  # fails early if tqdm is missing
-        bar.close()
-    except (ImportError, TypeError, ValueError) as error:
-        print(f"purebp train: error: {error}", file=sys.stderr)
-        return 2
-    batch_size = schedule.batch_size
+    dataset, sizes, activations, loss, optimizer, schedule, length = _train_setup(args)
+    init_key, shuffle_key = jax.random.split(jax.random.key(args.seed))
+    if args.model == "cnn":
+        net = init_network(init_key, (1, sizes[0]), cnn_layers(sizes[-1], args.activation), dtype=args.dtype)
+        if activations[-1] != "identity":
+            raise ValueError(f"--model cnn ends in a dense identity output (logits); --loss {loss} needs another")
+    else:
+        net = init_mlp(init_key, sizes, activations, dtype=args.dtype)
+    bar, _ = _progress_bar(0, "eval_accuracy")  # fails early if tqdm is missing
+    bar.close()
     architecture = (
         f"cnn {_cnn_notation(net)}"
         if args.model == "cnn"
         else f"sizes {','.join(map(str, sizes))} {','.join(activations)}"
     )
-    description = (
-        f"{args.dataset}: {architecture}, {loss}, "
-        f"{args.optimizer} lr {args.lr}, batch {batch_size}, {args.gradient} gradient"
-    )
-    print(f"purebp train: {description}; {schedule.describe()}", flush=True)
-    bar, on_epoch = _progress_bar(schedule.num_epochs, "eval_accuracy")
+    return types.SimpleNamespace(
+        dataset=dataset, sizes=sizes, activations=activations, loss=loss, optimizer=optimizer, schedule=schedule,
+        length=length, net=net, shuffle_key=shuffle_key, architecture=architecture,
+    )  # fmt: skip
+
+
+def _settings(args: argparse.Namespace, run: types.SimpleNamespace) -> dict:
+    """What shapes the trajectory, compared when a run resumes."""
+    return {
+        "--dataset": args.dataset,
+        "--model": args.model,
+        "--standardize": not args.no_standardize,
+        "--sizes": ",".join(map(str, run.sizes)),
+        "--activation": args.activation,
+        "--output": run.activations[-1],
+        "--loss": run.loss,
+        "--optimizer": args.optimizer,
+        "--lr": args.lr,
+        "--batch-size": run.schedule.batch_size,
+        "--seed": args.seed,
+        "--dtype": args.dtype,
+        "--gradient": args.gradient,
+    }
+
+
+def _train(args: argparse.Namespace, run: types.SimpleNamespace, multi_process: bool, stop) -> tuple:
+    """``fit`` with the command's settings, a progress bar and its log lines; return (trained, history)."""
+    import jax
+
+    from purebp.train.fit import fit
+
+    bar, on_epoch = _progress_bar(run.schedule.num_epochs, "eval_accuracy")
     mesh = None
     if multi_process:
         from purebp.train import distributed
 
         mesh = distributed.make_data_mesh()
-    # what shapes the trajectory, compared when a run resumes
-    settings = {
-        "--dataset": args.dataset,
-        "--model": args.model,
-        "--standardize": not args.no_standardize,
-        "--sizes": ",".join(map(str, sizes)),
-        "--activation": args.activation,
-        "--output": activations[-1],
-        "--loss": loss,
-        "--optimizer": args.optimizer,
-        "--lr": args.lr,
-        "--batch-size": batch_size,
-        "--seed": args.seed,
-        "--dtype": args.dtype,
-        "--gradient": args.gradient,
-    }
+    net, dataset, loss, optimizer, batch_size = run.net, run.dataset, run.loss, run.optimizer, run.schedule.batch_size
+    shuffle_key, settings, length = run.shuffle_key, _settings(args, run), run.length
 
     def log(message: str) -> None:
         if not multi_process or jax.process_index() == 0:
@@ -384,27 +384,24 @@ def run_train(args: argparse.Namespace) -> int:
             log=log,
             **length,
         )
-    except _process_failure_error() as error:
-        # exit now: JAX's own shutdown would wait for the dead process until the heartbeat timeout, then abort
-        print(f"purebp train: error: {error}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(3)
-    except GradientMismatchError as error:
-        print(f"purebp train: {error}", file=sys.stderr)
-        return 1
-    except DivergenceError as error:
-        print(f"purebp train: {error}", file=sys.stderr)
-        return 1
-    except (TypeError, ValueError) as error:
-        print(f"purebp train: error: {error}", file=sys.stderr)
-        return 2
     finally:
         bar.close()
-    test = evaluate(trained, *dataset.test, loss=loss, accuracy=dataset.is_classification)
+    return trained, history
+
+
+def _report(args: argparse.Namespace, run: types.SimpleNamespace, trained, history: dict, started: float) -> tuple:
+    """Print how long it trained, the test metrics and the wall time; return (test metrics, wall seconds)."""
+    import time
+
+    import jax
+
+    from purebp.train.fit import evaluate, format_epochs
+
+    dataset, schedule = run.dataset, run.schedule
+    test = evaluate(trained, *dataset.test, loss=run.loss, accuracy=dataset.is_classification)
     wall = time.perf_counter() - started
     steps_done = history["step"][-1] if history["step"] else 0
-    trained_for = f"{format_epochs(steps_done, schedule.steps_per_epoch)} ({steps_done} steps)"
-    print(f"trained for {trained_for}")
+    print(f"trained for {format_epochs(steps_done, schedule.steps_per_epoch)} ({steps_done} steps)")
     if "accuracy" in test:
         correct = round(test["accuracy"] * len(dataset.x_test))
         accuracy = f"{100 * test['accuracy']:.2f}% ({correct}/{len(dataset.x_test)})"
@@ -417,22 +414,79 @@ def run_train(args: argparse.Namespace) -> int:
             f"stopped by SIGTERM after step {steps_done} of {schedule.total_steps}; checkpoint {args.checkpoint} "
             "written (rerun the same command with --resume to continue)"
         )
-    if multi_process:
-        print(f"process {jax.process_index()} of {jax.process_count()}: parameters sha256 {_digest(trained)}")
-        if jax.process_index() != 0:  # one writer for the shared outputs
-            return 0
+    return test, wall
+
+
+def _write_outputs(args: argparse.Namespace, run: types.SimpleNamespace, test: dict, history: dict, wall: float):
+    """--json (metrics, config, history) and --plot (the curves); their paths were checked when parsed."""
+    import json
+
+    steps_done = history["step"][-1] if history["step"] else 0
     config = {name: value for name, value in vars(args).items() if name not in ("handler", "command")} | {
-        "sizes": list(sizes) if args.model == "mlp" else None,
-        "activations": list(activations),
-        "loss": loss,
-        "batch_size": batch_size,
+        "sizes": list(run.sizes) if args.model == "mlp" else None,
+        "activations": list(run.activations),
+        "loss": run.loss,
+        "batch_size": run.schedule.batch_size,
     }
     if args.json:
         metrics = {f"test_{name}": value for name, value in test.items()}
         metrics |= {"train_loss": history["train_loss"][-1] if history["train_loss"] else None}
-        metrics |= {"wall_time_s": wall, "epochs": steps_done / schedule.steps_per_epoch, "steps": steps_done}
+        metrics |= {"wall_time_s": wall, "epochs": steps_done / run.schedule.steps_per_epoch, "steps": steps_done}
         with open(args.json, "w") as file:
             json.dump({"metrics": metrics, "config": config, "history": history}, file, indent=2)
     if args.plot:
-        _plot(args.plot, history, f"{args.dataset}: {architecture}")
+        _plot(args.plot, history, f"{args.dataset}: {run.architecture}")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Check the arguments, build the run, train it with ``fit``, report and write the outputs; the exit status."""
+    import time
+
+    started = time.perf_counter()
+    enable_x64_if((args.dtype,))
+    try:
+        multi_process = _start_processes(args)
+    except (TypeError, ValueError, RuntimeError) as error:
+        print(f"purebp train: error: {error}", file=sys.stderr)
+        return 2
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("purebp train: error: --plot needs matplotlib: pip install 'purebp[plot]'", file=sys.stderr)
+            return 2
+    stop = _stop_on_sigterm() if args.checkpoint else None
+    import jax
+
+    from purebp.train.fit import DivergenceError, GradientMismatchError
+
+    try:
+        run = _prepare(args)
+    except (ImportError, TypeError, ValueError) as error:
+        print(f"purebp train: error: {error}", file=sys.stderr)
+        return 2
+    description = (
+        f"{args.dataset}: {run.architecture}, {run.loss}, "
+        f"{args.optimizer} lr {args.lr}, batch {run.schedule.batch_size}, {args.gradient} gradient"
+    )
+    print(f"purebp train: {description}; {run.schedule.describe()}", flush=True)  # the only time it is printed
+    try:
+        trained, history = _train(args, run, multi_process, stop)
+    except _process_failure_error() as error:
+        # exit now: JAX's own shutdown would wait for the dead process until the heartbeat timeout, then abort
+        print(f"purebp train: error: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(3)
+    except (GradientMismatchError, DivergenceError) as error:
+        print(f"purebp train: {error}", file=sys.stderr)
+        return 1
+    except (TypeError, ValueError) as error:
+        print(f"purebp train: error: {error}", file=sys.stderr)
+        return 2
+    test, wall = _report(args, run, trained, history, started)
+    if multi_process:
+        print(f"process {jax.process_index()} of {jax.process_count()}: parameters sha256 {_digest(trained)}")
+        if jax.process_index() != 0:  # one writer for the shared outputs
+            return 0
+    _write_outputs(args, run, test, history, wall)
     return 0
