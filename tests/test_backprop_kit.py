@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from purebp.kit.backprop import BackpropCase, assert_backprop_matches, check_backprop, main_check_backprop
+from purebp.cli.check_backprop import main_check_backprop
+from purebp.kit.backprop import BackpropCase, assert_backprop_matches, check_backprop
 
 
 def sigmoid(z):
@@ -315,6 +316,20 @@ def test_command_line_exit_status_and_report(tmp_path, capsys):
     assert "layer 1 (BP2)" in out and "G'(a¹)" in out and "replay:" in out
     assert main_check_backprop([f"{path}:missing", *common]) == 2
     assert "no function 'missing'" in capsys.readouterr().err
+
+
+def test_the_command_is_a_subcommand_of_purebp_with_the_kits_choices(capsys):
+    from purebp import cli
+    from purebp.cli import check_backprop as command
+    from purebp.kit import backprop as kit
+
+    assert (command.LAYOUTS, command.DTYPES) == (kit.LAYOUTS, kit.DTYPES)  # the parser repeats them, without JAX
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["check-backprop", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert help_text.startswith("usage: purebp check-backprop") and "--layout {columns,rows,examples}" in help_text
+    assert not hasattr(kit, "main_check_backprop")  # the kit keeps the library; the command line is cli's
 
 
 def test_a_registered_activation_is_used_by_name():

@@ -110,6 +110,9 @@ def test_header_says_one_epoch_and_mse_on_labels_trains_on_one_hot_targets(capsy
     printed = capsys.readouterr().out
     assert "32 steps = 1 epoch, 32 steps per epoch" in printed
     assert "test accuracy" in printed  # argmax of the output against the label
+    # the run description, once: at the start, not again with the result
+    assert printed.count("synthetic: sizes 20,16,4 relu,identity, mse") == 1, printed
+    assert "trained for 1 epoch (32 steps)" in printed
 
 
 def test_help_states_the_real_defaults(capsys):
@@ -117,3 +120,21 @@ def test_help_states_the_real_defaults(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "n_in,256,n_out" in text and "(default 32;" in text
+    assert "--model mlp (default), a fully connected MLP" in text and "--model cnn, MNIST-1D's convolutional" in text
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot", "--checkpoint"])
+def test_an_output_path_that_is_a_directory_or_has_no_parent_exits_2_before_anything_loads(
+    tmp_path, capsys, monkeypatch, flag
+):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the dataset was loaded: the output path was not checked first")
+
+    monkeypatch.setattr("purebp.data.load", must_not_run)
+    for path, message in ((tmp_path, "is a directory"), (tmp_path / "missing" / "out", "does not exist")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(SHORT + [flag, str(path)])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert f"argument {flag}: " in error and message in error and "usage: purebp train" in error, error
+    assert list(tmp_path.iterdir()) == []  # nothing written

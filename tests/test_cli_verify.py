@@ -17,7 +17,7 @@ from hypothesis import given, settings
 
 import purebp as pb
 from purebp import activations
-from purebp.cli import main as cli
+from purebp.cli import main
 from purebp.testing import cases, random_spec, random_stack_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ import numpy as np
 jax.config.update("jax_enable_x64", True)  # as `purebp verify` does before it draws a float64 case
 
 import purebp.check
-from purebp.cli import main as cli
+from purebp.cli import main
 from purebp.testing import make_case, random_spec
 
 first = make_case(random_spec(np.random.default_rng(0), max_depth=2, max_width=4, max_batch=4)).x
@@ -48,7 +48,7 @@ def wait_unless_first(net, x, y, **kwargs):
 
 
 purebp.check.check_gradients = wait_unless_first
-sys.exit(cli.main(["verify", "--trials", "3", "--max-depth", "2", "--max-width", "4", "--max-batch", "4"]))
+sys.exit(main(["verify", "--trials", "3", "--max-depth", "2", "--max-width", "4", "--max-batch", "4"]))
 """
 
 
@@ -91,7 +91,7 @@ def test_no_cell_is_cut_however_long_the_sizes_and_activation_lists(capsys):
     names = [",".join(spec.activations) for spec in specs]
     # the old fixed-width columns cut these at 28 and 44 characters without a mark
     assert max(map(len, sizes)) > 28 and max(map(len, names)) > 44
-    code = cli.main(["verify", "--trials", "5", "--seed", "0", "--max-depth", "8", "--max-width", "999",
+    code = main(["verify", "--trials", "5", "--seed", "0", "--max-depth", "8", "--max-width", "999",
                      "--max-batch", "4"])  # fmt: skip
     assert code == 0
     rows = capsys.readouterr().out.splitlines()[1:6]
@@ -115,7 +115,7 @@ def test_the_fast_compile_still_catches_a_slightly_wrong_derivative(capsys, monk
     jax.clear_caches()
     monkeypatch.setitem(activations._REGISTRY, "sigmoid", broken)
     try:
-        code = cli.main(["verify", "--trials", "12", "--seed", "0", "--max-depth", "3", "--quiet"])
+        code = main(["verify", "--trials", "12", "--seed", "0", "--max-depth", "3", "--quiet"])
     finally:
         monkeypatch.undo()
         jax.clear_caches()
@@ -148,8 +148,8 @@ def test_full_compile_runs_the_default_programs(capsys, monkeypatch):
         return check_gradients(*args, **kwargs)
 
     monkeypatch.setattr(pb.check, "check_gradients", spy)
-    assert cli.main(["verify", "--trials", "2", "--max-depth", "2", "--full-compile", "--quiet"]) == 0
-    assert cli.main(["verify", "--trials", "2", "--max-depth", "2", "--quiet"]) == 0
+    assert main(["verify", "--trials", "2", "--max-depth", "2", "--full-compile", "--quiet"]) == 0
+    assert main(["verify", "--trials", "2", "--max-depth", "2", "--quiet"]) == 0
     assert seen == [False, False, True, True]
     assert "2 architectures, 0 mismatches" in capsys.readouterr().out
 
@@ -157,7 +157,7 @@ def test_full_compile_runs_the_default_programs(capsys, monkeypatch):
 @pytest.mark.parametrize("flag", ["--trials", "--max-depth", "--max-width", "--max-batch"])
 def test_verify_rejects_a_bound_below_one(flag):
     with pytest.raises(SystemExit, match=f"{flag} must be at least 1, got 0"):
-        cli.main(["verify", flag, "0"])
+        main(["verify", flag, "0"])
 
 
 STACK_ARGS = ["--trials", "8", "--seed", "0", "--max-depth", "4", "--max-width", "6", "--max-batch", "4", "--dtype",
@@ -179,7 +179,7 @@ def test_layers_all_checks_stacks_and_prints_each_architecture_last(capsys):
     specs = stack_specs_drawn()
     assert any("r(" in spec.notation for spec in specs) and any("ln" in spec.notation for spec in specs)
     assert any(">c" in spec.notation for spec in specs) and any(">c" not in spec.notation for spec in specs)
-    assert cli.main(["verify", "--layers", "all", *STACK_ARGS]) == 0
+    assert main(["verify", "--layers", "all", *STACK_ARGS]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["#", "loss", "red", "dtype", "N", "key", "max", "rel", "verdict", "architecture"]
     for trial, (row, spec) in enumerate(zip(lines[1:9], specs)):
@@ -219,7 +219,7 @@ def test_layers_all_flags_a_layer_norm_backward_without_its_mean_term(capsys, mo
     jax.clear_caches()
     monkeypatch.setattr(pb.LayerNorm, "backward", without_mean_term)
     try:
-        code = cli.main(["verify", "--layers", "all", *STACK_ARGS, "--quiet"])
+        code = main(["verify", "--layers", "all", *STACK_ARGS, "--quiet"])
     finally:
         monkeypatch.undo()
         jax.clear_caches()
@@ -228,3 +228,32 @@ def test_layers_all_flags_a_layer_norm_backward_without_its_mean_term(capsys, mo
     flagged = [int(line.split()[0]) for line in out.splitlines() if line.split()[-2:-1] == ["MISMATCH"]]
     assert flagged == [trial for trial, found in enumerate(upstream) if found], out
     assert out.count("replay: purebp.testing.make_stack_case(StackSpec(") == len(flagged)
+
+
+@pytest.mark.parametrize(
+    ("mode", "trials", "bounds"),
+    [
+        ([], 40, "depth <= 8, width <= 64, batch <= 64"),
+        (["--layers", "all"], 5, "depth <= 4, width <= 16, batch <= 16"),
+    ],
+)
+def test_the_defaults_are_a_quick_check_that_passes_and_says_how_to_run_more(capsys, mode, trials, bounds):
+    """`purebp verify` and `purebp verify --layers all` as a user first runs them: exit 0, every row ok, and
+    an opening line (stderr) that says how many architectures of which bounds, and how to run more."""
+    assert main(["verify", *mode]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == trials + 2 and all(line.split()[-2] == "ok" for line in lines[1:-1]), captured.out
+    assert f"purebp verify: {trials} architectures, 0 mismatches" in lines[-1]
+    opening = captured.err.splitlines()[0]
+    assert f"purebp verify: {trials} random" in opening and f"(seed 0, {bounds})" in opening, captured.err
+    assert "more with --trials N" in opening
+
+
+def test_help_says_what_the_defaults_check_and_how_to_run_more(capsys):
+    with pytest.raises(SystemExit):
+        main(["verify", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "40 architectures of depth <= 8, width <= 64, batch <= 64 with --layers mlp" in text
+    assert "5 architectures of depth <= 4, width <= 16, batch <= 16 with --layers all" in text
+    assert "purebp verify --trials 1000 --dtype both" in text

@@ -21,6 +21,7 @@ the first failing child's code (128 + signal number for a child killed by a sign
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -154,3 +155,37 @@ def _supervise(children, signal_group, *, deadline: float, grace: float, poll: f
     if first_failure is not None:
         return first_failure
     return next((code for code in codes if code), 0)
+
+
+def add_launch_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "launch",
+        help="run N processes of a purebp command on this machine (loopback only), e.g. multi-process training",
+        description="Start N copies of 'purebp COMMAND ...' on 127.0.0.1 with --num-processes, --process-id and "
+        "--coordinator (a free loopback port) added; the coordinator binds to loopback only. Forwards "
+        "SIGTERM/SIGINT to its children, enforces a deadline, kills only its own process group, and exits with "
+        "the first failing child's code (124 on the deadline). Example: purebp launch -n 2 -- train --dataset "
+        "digits --checkpoint run.ckpt --resume",
+    )
+    parser.add_argument("-n", "--num-processes", type=int, required=True, help="number of processes")
+    parser.add_argument("--deadline", type=float, default=3600.0, help="seconds before SIGTERM (default 3600)")
+    parser.add_argument(
+        "--grace", type=float, default=30.0, help="seconds between a failure or SIGTERM and SIGKILL (default 30)"
+    )
+    parser.add_argument("worker", nargs=argparse.REMAINDER, help="-- then the purebp command, e.g. -- train ...")
+    parser.set_defaults(handler=run_launch)
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    command = args.worker[1:] if args.worker[:1] == ["--"] else args.worker
+    try:
+        return launch(
+            command,
+            args.num_processes,
+            deadline=args.deadline,
+            grace=args.grace,
+            log=lambda message: print(message, file=sys.stderr, flush=True),
+        )
+    except ValueError as error:
+        print(f"purebp launch: error: {error}", file=sys.stderr)
+        return 2

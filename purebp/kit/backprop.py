@@ -31,12 +31,8 @@ that witness on every case.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib
-import importlib.util
 import math
-import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 
@@ -1202,73 +1198,3 @@ def assert_backprop_matches(fn: Callable, **kwargs) -> BackpropReport:
     if not report.passed:
         raise AssertionError(str(report))
     return report
-
-
-def _load_function(target: str) -> Callable:
-    """``module:function`` or ``path/to/file.py:function``, imported from the current directory."""
-    module_name, sep, function_name = target.rpartition(":")
-    if not sep or not module_name or not function_name:
-        raise ValueError(f"expected MODULE:FUNCTION (or path/to/file.py:FUNCTION), got {target!r}")
-    if module_name.endswith(".py"):
-        spec = importlib.util.spec_from_file_location(module_name[:-3].replace("/", "_"), module_name)
-        if spec is None or spec.loader is None:
-            raise ValueError(f"cannot load {module_name!r}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        if "" not in sys.path:
-            sys.path.insert(0, "")  # a module next to the caller, as `python -m` would find it
-        module = importlib.import_module(module_name)
-    fn = getattr(module, function_name, None)
-    if not callable(fn):
-        raise ValueError(f"{module_name!r} has no function {function_name!r}")
-    return fn
-
-
-def main_check_backprop(argv: Sequence[str] | None = None) -> int:
-    """``purebp check-backprop MODULE:FUNCTION --activation sigmoid --loss mse --layout columns``.
-
-    Prints the report; exit status 0 when it passed, 1 on a mismatch (or an exception in the function),
-    2 on bad arguments.
-    """
-    parser = argparse.ArgumentParser(
-        prog="purebp check-backprop",
-        description="Check your own backward pass fn(weights, biases, x, y) against autodiff on random networks.",
-    )
-    parser.add_argument("target", help="MODULE:FUNCTION or path/to/file.py:FUNCTION")
-    parser.add_argument("--activation", required=True, help="hidden-layer activation (purebp's registry)")
-    parser.add_argument("--output", default=None, help="output activation (default: the loss's, else --activation)")
-    parser.add_argument("--loss", required=True, help="cost (purebp's registry)")
-    parser.add_argument("--reduction", default="sum", choices=("sum", "mean"))
-    parser.add_argument("--layout", default="columns", choices=LAYOUTS)
-    parser.add_argument("--trials", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-depth", type=int, default=3)
-    parser.add_argument("--max-width", type=int, default=6)
-    parser.add_argument("--max-batch", type=int, default=5)
-    parser.add_argument("--dtype", default="float64", choices=DTYPES)
-    args = parser.parse_args(argv)
-    try:
-        fn = _load_function(args.target)
-        output = args.output
-        if output is None:
-            output = _losses.get(args.loss).output_activation or args.activation
-        report = check_backprop(
-            fn,
-            activation=args.activation,
-            output=output,
-            loss=args.loss,
-            reduction=args.reduction,
-            layout=args.layout,
-            trials=args.trials,
-            seed=args.seed,
-            max_depth=args.max_depth,
-            max_width=args.max_width,
-            max_batch=args.max_batch,
-            dtype=args.dtype,
-        )
-    except (ValueError, TypeError, ImportError) as error:
-        print(f"purebp check-backprop: error: {error}", file=sys.stderr)
-        return 2
-    print(report)
-    return 0 if report.passed else 1

@@ -272,6 +272,14 @@ class Conv1dInit:
     padding: int = 0
     activation: str = "identity"
 
+    def __repr__(self) -> str:
+        # the public builder's call, its defaults left out (errors name it, not this class)
+        defaults = {"stride": 1, "padding": 0, "activation": "identity"}
+        options = [
+            f"{name}={getattr(self, name)!r}" for name, value in defaults.items() if getattr(self, name) != value
+        ]
+        return f"pb.conv1d({', '.join([str(self.channels), str(self.kernel), *options])})"
+
     def init(self, key: Array, input_shape: tuple[int, ...], dtype: np.dtype) -> Conv1d:
         """W ~ N(0, s^2), b = 0, with fan-in C_in K: He s = sqrt(2 / fan_in) for rectifier-like G, else Glorot."""
         conv_output_shape(input_shape, None, self.channels, self.kernel, self.stride, self.padding)

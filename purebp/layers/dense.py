@@ -156,6 +156,11 @@ class DenseInit:
     n_out: int
     activation: str = "identity"
 
+    def __repr__(self) -> str:
+        # the public builder's call, as the user wrote it (errors name it, not this class)
+        activation = "" if self.activation == "identity" else f", {self.activation!r}"
+        return f"pb.dense({self.n_out}{activation})"
+
     def init(self, key: Array, input_shape: tuple[int, ...], dtype: np.dtype) -> Dense:
         """W ~ N(0, s^2), b = 0; s = sqrt(2 / n_in) (He) for rectifier-like G, sqrt(2 / (n_in + n_out)) else."""
         if len(input_shape) != 1:

@@ -50,6 +50,9 @@ jax.tree_util.register_dataclass(Dropout)  # no leaves; rate static
 class DropoutInit:
     rate: float
 
+    def __repr__(self) -> str:
+        return f"pb.dropout({self.rate!r})"  # the public builder's call (errors name it, not this class)
+
     def init(self, key: Array, input_shape: tuple[int, ...], dtype: np.dtype) -> Dropout:
         return Dropout(self.rate)
 

@@ -87,6 +87,10 @@ jax.tree_util.register_dataclass(LayerNorm)  # scale, offset leaves; eps static
 class LayerNormInit:
     eps: float = 1e-5
 
+    def __repr__(self) -> str:
+        # the public builder's call (errors name it, not this class)
+        return "pb.layer_norm()" if self.eps == 1e-5 else f"pb.layer_norm(eps={self.eps!r})"
+
     def init(self, key: Array, input_shape: tuple[int, ...], dtype: np.dtype) -> LayerNorm:
         """scale = 1, offset = 0 (the identity map on normalised inputs)."""
         if not input_shape:

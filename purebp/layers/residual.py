@@ -82,6 +82,10 @@ jax.tree_util.register_dataclass(Residual)  # the body layers' leaves
 class ResidualInit:
     body: tuple
 
+    def __repr__(self) -> str:
+        # the public builder's call with its body's reprs (errors name it, not this class)
+        return f"pb.residual({', '.join(map(repr, self.body))})"
+
     def init(self, key: Array, input_shape: tuple[int, ...], dtype: np.dtype) -> Residual:
         from purebp.layers.shapes import init_stack
 
