@@ -286,3 +286,21 @@ def test_preconditioner_example_runs(background):
     result = run_block(background, "## Preconditioning: curvature as an optax transformation")
     assert result.returncode == 0, result.stderr
     assert "K-FAC, 20 steps: loss" in result.stdout
+
+
+def test_every_link_resolves():
+    """Relative links name files of the repository; #anchors name headings of the README (GitHub's slugs)."""
+    text = README.read_text()
+    slugs = set()
+    for line in text.splitlines():
+        if line.startswith("#") and not line.startswith("#!"):
+            title = line.lstrip("#").strip().lower()
+            slugs.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = target.partition("#")
+        if path:
+            assert (ROOT / path).exists(), target
+        elif anchor:
+            assert anchor in slugs, target
