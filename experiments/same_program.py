@@ -11,7 +11,7 @@ computation names, stack frames). Equal text means the same kernels in the
 same order: the same speed on any machine, whatever its load.
 
     python -m experiments.same_program                      # baseline 2332618, writes results/same_program.md
-    python -m experiments.same_program --baseline HEAD~3    # any revision with purebp.engine (or purebp.backprop)._value_and_grad_jit
+    python -m experiments.same_program --baseline HEAD~3    # any revision with engine (or backprop)._value_and_grad_jit
 """
 
 from __future__ import annotations

@@ -2,8 +2,7 @@
 contender, the idiomatic JAX baseline included, computes the same gradient. Timings are never asserted.
 
 The smoke run is a subprocess, as a user runs it, so the suite's JAX settings do not leak into it. Also: the
-idiomatic baseline is the same function as purebp's in float64, a wrong baseline shows in the error column, and
-``purebp bench`` only points at the script.
+idiomatic baseline is the same function as purebp's in float64, and a wrong baseline shows in the error column.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import pytest
 
 import purebp
 from experiments import benchmark
-from purebp.cli import main as purebp_main
 
 ROOT = Path(__file__).resolve().parent.parent
 OWN_RATIO = "time / jax.grad of purebp's forward"
@@ -157,12 +155,3 @@ def test_bad_arguments_are_refused_before_running():
         benchmark.run(["tiny"], threads=0)
     with pytest.raises(ValueError, match="unknown peer"):
         benchmark.run(["tiny"], peers=["tensorflow"])
-
-
-@pytest.mark.parametrize("argv", [["bench"], ["bench", "--quick"], ["bench", "--configs", "tiny", "--out", "x"]])
-def test_purebp_bench_points_at_the_script_and_exits_2(argv, capsys):
-    assert purebp_main(argv) == 2
-    captured = capsys.readouterr()
-    lines = captured.err.splitlines()
-    assert len(lines) == 1 and captured.out == "", captured
-    assert "python -m experiments.benchmark" in lines[0] and 'pip install -e ".[bench]"' in lines[0], lines

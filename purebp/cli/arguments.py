@@ -35,16 +35,7 @@ def enable_x64_if(dtypes: Sequence[str]) -> None:
 
 
 def version() -> str:
-    """``purebp <version>``: ``purebp.__version__`` when the package defines it, else the installed metadata."""
-    import sys
+    """``purebp <version>``, from ``purebp.version`` (the one place the number is written)."""
+    from purebp.version import __version__
 
-    package = sys.modules.get("purebp")
-    number = getattr(package, "__version__", None)
-    if number is None:
-        from importlib import metadata
-
-        try:
-            number = metadata.version("purebp")
-        except metadata.PackageNotFoundError:
-            number = "unknown (not installed)"
-    return f"purebp {number}"
+    return f"purebp {__version__}"
