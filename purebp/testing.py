@@ -722,5 +722,5 @@ def stack_cases(**options):
     return stack_specs(**options).map(make_stack_case)
 
 
-# users' own backward passes (issue 15): check_backprop lives in backprop_kit.py, re-exported here
+# users' own backward passes: check_backprop lives in kit/, re-exported here
 from purebp.kit.backprop import assert_backprop_matches, check_backprop  # noqa: E402, F401

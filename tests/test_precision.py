@@ -279,7 +279,7 @@ def test_mixed_inputs_are_checked_in_the_master_dtype():
         mixed(case.net, case.x.astype(jnp.bfloat16), case.y, "mse", "mean")
     with pytest.raises(TypeError, match="float16, bfloat16, float32, float64"):
         pb.mixed_value_and_grad("int8")
-    with pytest.raises(TypeError, match="expected a purebp.Network"):
+    with pytest.raises(TypeError, match="expected a purebp.Sequential"):
         pb.cast_network({"w": case.x}, "bfloat16")
 
 

@@ -45,10 +45,13 @@ def leaves(tree) -> list[np.ndarray]:
     return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
 
 
-def mlp(sizes=(3, 4, 2), activation="relu") -> pb.Network:
-    """A float64 Network of these widths, built by hand (no initialiser to compile: only shapes matter here)."""
-    layers = tuple(pb.Layer(ones((n_out, n_in)), ones(n_out)) for n_in, n_out in itertools.pairwise(sizes))
-    return pb.Network(layers, (activation,) * (len(sizes) - 2) + ("identity",))
+def mlp(sizes=(3, 4, 2), activation="relu") -> pb.Sequential:
+    """A float64 MLP of these widths, built by hand (no initialiser to compile: only shapes matter here)."""
+    names = (activation,) * (len(sizes) - 2) + ("identity",)
+    layers = tuple(
+        pb.Dense(ones((n_out, n_in)), ones(n_out), g) for (n_in, n_out), g in zip(itertools.pairwise(sizes), names)
+    )
+    return pb.Sequential(layers=layers, input_shape=(sizes[0],))
 
 
 def random_like(tree, rng: np.random.Generator, positive: bool = False):
@@ -211,7 +214,7 @@ def test_traced_hyperparameters_under_inject_hyperparams_give_the_same_steps(dec
     net = mlp((3, 4, 2))
     for factory, draw in (
         (pc.diag_ggn_preconditioner, lambda: random_like(net, rng, positive=True)),
-        (pc.kfac_preconditioner, lambda: factors_for(pb.network.stack(net), rng)),
+        (pc.kfac_preconditioner, lambda: factors_for(net.layers, rng)),
     ):
         injected = optax.inject_hyperparams(factory)(damping=0.3, decay=decay)
         plain = factory(0.3, decay=decay)
@@ -270,7 +273,7 @@ def test_kfac_step_is_the_explicit_kronecker_solve(sizes, damping, pi_damping, s
     rng = np.random.default_rng(seed)
     net = mlp(sizes)
     grads = random_like(net, rng)
-    curvature = factors_for(pb.network.stack(net), rng)
+    curvature = factors_for(net.layers, rng)
     updates, _ = pc.kfac_preconditioner(damping, pi_damping=pi_damping).update(grads, None, curvature=curvature)
     assert jax.tree.structure(updates) == jax.tree.structure(net)
     for layer, grad, entry in zip(updates.layers, grads.layers, curvature):
@@ -379,7 +382,7 @@ def test_kfac_in_a_chain_with_momentum_under_jit():
     update = jax.jit(lambda g, s, p, c: opt.update(g, s, p, curvature=c))
     steps = []
     for _ in range(2):
-        grads, curvature = random_like(net, rng), factors_for(pb.network.stack(net), rng)
+        grads, curvature = random_like(net, rng), factors_for(net.layers, rng)
         updates, state = update(grads, state, net, curvature)
         alone, _ = pc.kfac_preconditioner(0.1).update(grads, None, curvature=curvature)
         steps.append(alone)
@@ -413,7 +416,7 @@ def test_kfac_curvature_that_does_not_match_the_updates_is_refused():
     as32 = KroneckerFactors(array(good[3].g, np.float32), good[3].a)
     refused(good[:3] + (as32,), TypeError, r"layer 3: factor g is float32, the update is float64")
     refused(good[:3] + ("g",), TypeError, r"entry for layer 3 must be KroneckerFactors\(g, a\), None or a tuple")
-    with pytest.raises(TypeError, match=r"the updates must be a purebp Network or Sequential.*got dict"):
+    with pytest.raises(TypeError, match=r"the updates must be a purebp Sequential.*got dict"):
         opt.update({"w": ones(2)}, None, curvature=good)
 
 
