@@ -20,6 +20,7 @@ from purebp import engine as _engine
 from purebp import inputs as _inputs
 from purebp import layers as _layers
 from purebp import programs as _programs
+from purebp.layers.shapes import describe
 from purebp.network import AnyNetwork, is_mlp
 
 Array = jax.Array
@@ -456,13 +457,13 @@ def check_layer(
 def _check_layer(layer: object, x: Array, keys: Array | None, tolerance: float | None, seed: int) -> LayerReport:
     if not (callable(getattr(layer, "forward", None)) and callable(getattr(layer, "backward", None))):
         raise TypeError(
-            f"check_layer: expected a layer with forward(a, key=None) and backward(cache, g), got {layer!r}"
+            f"check_layer: expected a layer with forward(a, key=None) and backward(cache, g), got {describe(layer)}"
         )
     dtype = np.dtype(x.dtype)
     for path, leaf in jax.tree_util.tree_leaves_with_path(layer):
         if getattr(leaf, "dtype", None) != dtype:
             raise TypeError(
-                f"check_layer: parameter {jax.tree_util.keystr(path).lstrip('.')} of {layer!r} has dtype "
+                f"check_layer: parameter {jax.tree_util.keystr(path).lstrip('.')} of {describe(layer)} has dtype "
                 f"{getattr(leaf, 'dtype', type(leaf).__name__)}, x has {dtype}: use one dtype"
             )
     if tolerance is None:
@@ -493,7 +494,7 @@ def _check_layer(layer: object, x: Array, keys: Array | None, tolerance: float |
     for name, h, g, relative in zip(names, hands, autos, relative_errors(hands, autos, floor)):
         max_abs = float(np.max(np.abs(h - g))) if h.size else 0.0
         pieces.append(PieceComparison(name, h.shape, max_abs, relative, relative <= tolerance))
-    return LayerReport(layer=repr(layer), dtype=dtype.name, tolerance=tolerance, pieces=tuple(pieces))
+    return LayerReport(layer=describe(layer), dtype=dtype.name, tolerance=tolerance, pieces=tuple(pieces))
 
 
 @jax.jit

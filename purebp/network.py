@@ -23,7 +23,7 @@ import numpy as np
 from purebp import activations as _activations
 from purebp.layers import Dense
 from purebp.layers.dense import HE_ACTIVATIONS, init_dense
-from purebp.layers.shapes import init_stack, is_layer, output_shape
+from purebp.layers.shapes import describe, init_stack, is_layer, output_shape
 
 
 def _describe(leaf: object) -> str:
@@ -163,13 +163,9 @@ class Sequential:
 
 
 def _layer_repr(layer: object) -> str:
-    # tree maps can leave scalars or floats where a layer's repr expects arrays (a sum per leaf, a count):
-    # then name the type and describe the leaves instead of raising from inside repr
-    try:
-        return repr(layer)
-    except (AttributeError, IndexError, TypeError, ValueError):
-        leaves = ", ".join(_describe(leaf) for leaf in jax.tree.leaves(layer))
-        return f"{type(layer).__name__}({leaves})"
+    # tree maps can leave scalars or floats where a layer's repr expects arrays (a sum per leaf, a count), and a
+    # user's layer may print its weights: describe() names the type and the leaves' shapes then
+    return describe(layer, limit=1000)
 
 
 jax.tree_util.register_dataclass(Sequential)  # the layers' leaves; input_shape static
@@ -241,7 +237,7 @@ def validate_sequential(net: Sequential) -> tuple[int, ...]:
         where = jax.tree_util.keystr(path)
         leaf_dtype = getattr(leaf, "dtype", None)
         if leaf_dtype is None or not jnp.issubdtype(leaf_dtype, jnp.floating):
-            raise TypeError(f"parameter {where} must be a floating array, got {leaf!r}")
+            raise TypeError(f"parameter {where} must be a floating array, got {describe(leaf)}")
         if leaf_dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"parameter {where} has dtype {leaf_dtype}; supported dtypes: {_SUPPORTED_NAMES}")
         dtype = dtype or leaf_dtype

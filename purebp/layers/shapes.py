@@ -10,6 +10,22 @@ import numpy as np
 Array = jax.Array
 
 
+def describe(item: object, limit: int = 200) -> str:
+    """A short text for an error or a report: ``repr(item)`` when it is short and prints no array values,
+    else the type and each leaf's dtype and shape (a user's dataclass layer would print its weights)."""
+    try:
+        text = repr(item)
+    except (AttributeError, IndexError, TypeError, ValueError):  # a repr that expects arrays got other leaves
+        text = None
+    if text is not None and len(text) <= limit and "Array(" not in text and "array(" not in text:
+        return text
+    leaves = []
+    for leaf in jax.tree.leaves(item):
+        shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+        leaves.append(f"{dtype}{list(shape)}" if shape is not None else type(leaf).__name__)
+    return f"{type(item).__name__}({', '.join(leaves)})"
+
+
 def is_layer(item: object) -> bool:
     """True for an initialised layer: an object with ``forward`` and ``backward``."""
     return callable(getattr(item, "forward", None)) and callable(getattr(item, "backward", None))
@@ -25,7 +41,9 @@ def output_shape(layer: object, input_shape: tuple[int, ...], dtype: np.dtype | 
     if hasattr(layer, "output_shape"):
         return tuple(layer.output_shape(tuple(input_shape)))
     if not is_layer(layer):
-        raise TypeError(f"expected a layer with forward(a, key=None) and backward(cache, grad_out), got {layer!r}")
+        raise TypeError(
+            f"expected a layer with forward(a, key=None) and backward(cache, grad_out), got {describe(layer)}"
+        )
     leaves = [leaf for leaf in jax.tree.leaves(layer) if hasattr(leaf, "dtype")]
     dtype = dtype or (leaves[0].dtype if leaves else np.dtype("float32"))
     spec = jax.ShapeDtypeStruct((1,) + tuple(input_shape), dtype)
