@@ -1,5 +1,7 @@
 """Bad input gets a clear ValueError/TypeError before anything is compiled."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,3 +155,23 @@ def test_bad_label_after_the_shapes_have_compiled_still_raises(net, x, monkeypat
         function(net, x, jnp.asarray([0, 1, 2, 3, 1, 2]), loss="softmax_cross_entropy")
     with pytest.raises(ValueError, match=r"class label -1 at index 2 is outside \[0, 3\)"):
         function(net, x, np.asarray([0, 1, -1, 0, 1, 2]), loss="softmax_cross_entropy")
+
+
+def test_reports_and_errors_name_a_users_layer_by_its_shapes_not_its_weights():
+    @dataclasses.dataclass(frozen=True)
+    class Scale:  # a user's layer whose dataclass repr would print 300 weights
+        s: jax.Array
+
+        def forward(self, a, key=None):
+            return a * self.s[None, :], a
+
+        def backward(self, cache, g):
+            return g * self.s[None, :], Scale(jnp.sum(g * cache, axis=0))
+
+    jax.tree_util.register_dataclass(Scale, data_fields=["s"], meta_fields=[])
+    layer = Scale(jnp.linspace(0.5, 1.5, 300))
+    report = pb.check_layer(layer, jnp.ones((2, 300)))
+    assert report.passed and report.layer == "Scale(float64[300])"
+    assert "0.5" not in str(report)
+    with pytest.raises(TypeError, match=r"layers\[0\]\.s must be a floating array, got .*int64"):
+        pb.forward(pb.Sequential(layers=(Scale(jnp.arange(3)),), input_shape=(3,)), jnp.ones((2, 3)))
