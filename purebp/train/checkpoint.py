@@ -38,14 +38,13 @@ import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from purebp.layers import AvgPool1d, Conv1d, Dense, Dropout, Flatten, LayerNorm, MaxPool1d, Residual
+from purebp.layers import kinds as _kinds
 from purebp.network import Layer, Network, Sequential, validate_network, validate_sequential
 
 FORMAT_MLP = "purebp-checkpoint-1"
@@ -79,102 +78,10 @@ def _version() -> str:
 # Describing a network's architecture as JSON, and rebuilding built-in layers from that description
 
 
-def _static(layer: object, field: str, types: tuple[type, ...], where: str) -> object:
-    # exact types only: the value must come back from JSON as the same type, or the rebuilt tree structure
-    # (which holds the static fields) would differ (a numpy scalar prints differently from a Python float)
-    value = getattr(layer, field)
-    if type(value) not in types:
-        expected = " or ".join(t.__name__ for t in types)
-        raise TypeError(
-            f"{where}: {field} is {value!r} ({type(value).__name__}); a checkpoint needs a Python {expected}"
-        )
-    return value
-
-
 def _layers_tuple(layers: object, where: str) -> tuple:
     if not isinstance(layers, tuple):
         raise TypeError(f"{where}: layers is a {type(layers).__name__}; a checkpoint needs a tuple of layers")
     return layers
-
-
-def _describe_dense(layer: Dense, where: str) -> dict:
-    return {"activation": _static(layer, "activation", (str,), where), "n_out": int(np.shape(layer.w)[0])}
-
-
-def _describe_residual(layer: Residual, where: str) -> dict:
-    body = _layers_tuple(layer.layers, where)
-    return {"layers": [describe_layer(item, f"{where}.layers[{i}]") for i, item in enumerate(body)]}
-
-
-def _describe_layer_norm(layer: LayerNorm, where: str) -> dict:
-    return {"eps": _static(layer, "eps", (float, int), where)}
-
-
-def _describe_dropout(layer: Dropout, where: str) -> dict:
-    return {"rate": _static(layer, "rate", (float, int), where)}
-
-
-def _describe_conv1d(layer: Conv1d, where: str) -> dict:
-    return {
-        "activation": _static(layer, "activation", (str,), where),
-        "channels": int(np.shape(layer.w)[0]),
-        "kernel": int(np.shape(layer.w)[2]),
-        "stride": _static(layer, "stride", (int,), where),
-        "padding": _static(layer, "padding", (int,), where),
-    }
-
-
-def _describe_pool(layer: MaxPool1d | AvgPool1d, where: str) -> dict:
-    return {"kernel": _static(layer, "kernel", (int,), where), "stride": _static(layer, "stride", (int,), where)}
-
-
-class _Leaf:
-    """Stands for a parameter array while a network is rebuilt from its description (a pytree leaf)."""
-
-    def __repr__(self) -> str:
-        return "*"
-
-
-_LEAF = _Leaf()
-
-
-def _build_dense(description: dict, build: Callable) -> Dense:
-    return Dense(_LEAF, _LEAF, description["activation"])
-
-
-def _build_residual(description: dict, build: Callable) -> Residual:
-    return Residual(tuple(build(item, index) for index, item in enumerate(description["layers"])))
-
-
-def _build_layer_norm(description: dict, build: Callable) -> LayerNorm:
-    return LayerNorm(_LEAF, _LEAF, description["eps"])
-
-
-def _build_dropout(description: dict, build: Callable) -> Dropout:
-    return Dropout(description["rate"])
-
-
-def _build_conv1d(description: dict, build: Callable) -> Conv1d:
-    return Conv1d(_LEAF, _LEAF, description["stride"], description["padding"], description["activation"])
-
-
-# One row per built-in layer type: its kind in the file, how to describe it, how to rebuild it (with
-# placeholder leaves). A new built-in layer kind adds a row here; any other layer is "custom".
-_BUILT_IN: dict[type, tuple[str, Callable, Callable]] = {
-    Dense: ("dense", _describe_dense, _build_dense),
-    Residual: ("residual", _describe_residual, _build_residual),
-    LayerNorm: ("layer_norm", _describe_layer_norm, _build_layer_norm),
-    Dropout: ("dropout", _describe_dropout, _build_dropout),
-    Conv1d: ("conv1d", _describe_conv1d, _build_conv1d),
-    MaxPool1d: ("max_pool1d", _describe_pool, lambda description, build: MaxPool1d(**_pool_fields(description))),
-    AvgPool1d: ("avg_pool1d", _describe_pool, lambda description, build: AvgPool1d(**_pool_fields(description))),
-    Flatten: ("flatten", lambda layer, where: {}, lambda description, build: Flatten()),
-}
-_BUILD = {kind: build for kind, _, build in _BUILT_IN.values()}
-
-
-def _pool_fields(description: dict) -> dict:
-    return {"kernel": description["kernel"], "stride": description["stride"]}
 
 
 def _type_name(layer: object) -> str:
@@ -184,18 +91,18 @@ def _type_name(layer: object) -> str:
 def describe_layer(layer: object, where: str = "layer") -> dict:
     """Return a JSON-able description of one layer: ``{"kind": ..., <its static fields>}``.
 
-    Built-in kinds: ``dense`` (activation, n_out), ``residual`` (layers: the
-    body, described the same way), ``layer_norm`` (eps), ``dropout`` (rate),
-    ``conv1d`` (activation, channels, kernel, stride, padding), ``max_pool1d`` and
-    ``avg_pool1d`` (kernel, stride), ``flatten``.
-    Any other layer is ``custom``: its type (module.qualname), its tree
+    Every kind in the table of layer kinds (``purebp.layers.kinds``) describes
+    itself: ``dense`` (activation, n_out), ``residual`` (layers: the body,
+    described the same way), ``layer_norm`` (eps), ``dropout`` (rate),
+    ``conv1d`` (activation, channels, kernel, stride, padding), ``max_pool1d``
+    and ``avg_pool1d`` (kernel, stride), ``flatten``, and any kind registered
+    since. Any other layer is ``custom``: its type (module.qualname), its tree
     structure as text (which shows its static fields) and its leaves' shapes.
     ``where`` names the layer in error messages.
     """
-    entry = _BUILT_IN.get(type(layer))  # exact type: a subclass of a built-in may add fields, so it is custom
-    if entry is not None:
-        kind, describe, _ = entry
-        return {"kind": kind} | describe(layer, where)
+    kind = _kinds.kind_of(layer)  # exact type: a subclass of a built-in may add fields, so it is custom
+    if kind is not None:
+        return {"kind": kind.name} | kind.describe(layer, where, describe_layer)
     leaves, structure = jax.tree_util.tree_flatten_with_path(layer)
     return {
         "kind": "custom",
@@ -236,7 +143,7 @@ def describe_network(net: Network | Sequential) -> dict:
 
 
 def _skeleton(path: str, description: dict) -> Sequential:
-    """Rebuild a Sequential of built-in layers from its description, with ``_LEAF`` for every parameter."""
+    """Rebuild a Sequential of known kinds from its description, with ``kinds.LEAF`` for every parameter."""
 
     def build(item: dict, where: str) -> object:
         kind = item.get("kind") if isinstance(item, dict) else None
@@ -245,12 +152,14 @@ def _skeleton(path: str, description: dict) -> Sequential:
                 f"checkpoint {path}: {where} is a {item.get('type')}, not a built-in layer, so the file alone "
                 "cannot rebuild it; pass net_template= (e.g. the freshly initialised network) to load it"
             )
-        if kind not in _BUILD:
+        row = _kinds.kind_named(kind)
+        if row is None:
+            known = ", ".join(sorted(row.name for row in _kinds.all_kinds()))
             raise CheckpointError(
                 f"checkpoint {path}: {where} has layer kind {kind!r}, which this purebp ({_version()}) does not know "
-                f"(known: {', '.join(sorted(_BUILD))}); pass net_template= to load it"
+                f"(known: {known}); pass net_template= to load it"
             )
-        return _BUILD[kind](item, lambda inner, index: build(inner, f"{where}.layers[{index}]"))
+        return row.rebuild(item, lambda inner, index: build(inner, f"{where}.layers[{index}]"))
 
     try:
         layers = tuple(build(item, f"layers[{i}]") for i, item in enumerate(description["layers"]))
