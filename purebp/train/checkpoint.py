@@ -49,7 +49,6 @@ from purebp.network import Layer, Network, Sequential, validate_network, validat
 
 FORMAT_MLP = "purebp-checkpoint-1"
 FORMAT_SEQUENTIAL = "purebp-checkpoint-2"
-FORMAT = FORMAT_MLP  # the original name, kept for callers that read it
 FORMATS = (FORMAT_MLP, FORMAT_SEQUENTIAL)
 
 
@@ -385,15 +384,6 @@ def load_checkpoint(
     except KeyError as error:  # a meta field missing (a file edited by hand, or written by something else)
         raise CheckpointError(f"checkpoint {path} has incomplete metadata: no {error}") from None
     return Checkpoint(net=net, opt_state=opt_state, step=step, key=key, metadata=metadata)
-
-
-def load_checkpoint_if_exists(
-    path: str | os.PathLike, *, opt_state_template: Any = None, net_template: Network | Sequential | None = None
-) -> Checkpoint | None:
-    """``load_checkpoint`` if ``path`` exists, else None (for resuming a run that may not have started)."""
-    if not os.path.exists(path):
-        return None
-    return load_checkpoint(path, opt_state_template=opt_state_template, net_template=net_template)
 
 
 def _match_template(path: str, saved_description: dict, template: Network | Sequential) -> None:
