@@ -3,7 +3,7 @@
 import sys
 
 from purebp.check import GradientReport, LayerReport, autodiff_value_and_grad, check_gradients, check_layer
-from purebp.engine import BackpropTrace, alignment_angles, backprop_trace, forward, grad, value_and_grad
+from purebp.engine import BackpropTrace, backprop_trace, forward, grad, value_and_grad
 from purebp.extras import curvature, preconditioning, rules
 from purebp.extras.curvature import (
     KroneckerFactors,
@@ -16,6 +16,7 @@ from purebp.extras.curvature import (
     sum_grad_squared,
 )
 from purebp.extras.per_example import dp_sgd_step, dp_value_and_grad, per_example_grad_norms, per_example_grads
+from purebp.extras.rules import alignment_angles
 from purebp.layers import (
     AvgPool1d,
     Conv1d,
@@ -49,6 +50,7 @@ from purebp.train.fit import (
     make_train_step,
 )
 from purebp.train.precision import cast_network, mixed_value_and_grad
+from purebp.version import __version__ as __version__
 
 # the module paths of earlier versions, for ``import purebp.curvature`` and the like
 for _name, _module in {
@@ -59,7 +61,6 @@ for _name, _module in {
 }.items():
     sys.modules[f"purebp.{_name}"] = _module
 
-__version__ = "0.1.0"
 
 __all__ = [
     "AvgPool1d",

@@ -20,7 +20,7 @@ from purebp import engine as _engine
 from purebp import inputs as _inputs
 from purebp import layers as _layers
 from purebp import programs as _programs
-from purebp.network import AnyNetwork, Network
+from purebp.network import AnyNetwork, is_mlp
 
 Array = jax.Array
 
@@ -315,11 +315,11 @@ def check_gradients(
         loss_error = abs(value_h - value_g) / max(abs(value_g), float(jnp.finfo(dtype).tiny))
     else:
         loss_error = math.inf
-    is_mlp = isinstance(net, Network)
+    mlp = is_mlp(net)
     return GradientReport(
-        sizes=net.sizes if is_mlp else (),
-        activations=net.activations if is_mlp else (),
-        architecture="" if is_mlp else repr(net),
+        sizes=net.sizes if mlp else (),
+        activations=net.activations if mlp else (),
+        architecture="" if mlp else repr(net),
         loss_name=loss,
         reduction=reduction,
         dtype=str(dtype),
@@ -492,8 +492,6 @@ def _layer_both_jit(layer, x, keys, cotangent):
 
 def check_layers_of(net: AnyNetwork, x: Array, *, key: Array | None = None) -> tuple[LayerReport, ...]:
     """``check_layer`` on every top-level layer of ``net`` that is not built in, at the input it gets from ``x``."""
-    if isinstance(net, Network):
-        return ()
     keys = None if key is None else _layers.example_keys(key, x.shape[0])
     outputs, _ = _engine.forward_layers(net, x, key)
     inputs = (x,) + outputs[:-1]

@@ -28,12 +28,10 @@ from purebp import activations as _activations
 from purebp import inputs as _inputs
 from purebp import losses as _losses
 from purebp import programs as _programs
-from purebp.extras import rules as _rules
 from purebp.layers import Dense, example_keys, layer_keys
 from purebp.network import (
     AnyNetwork,
     like,
-    stack,
 )
 
 Array = jax.Array
@@ -83,7 +81,7 @@ def forward_layers(
     """
     keys = None if key is None else example_keys(key, x.shape[0], example_offset)
     outputs, caches, activation = [], [], x
-    for index, layer in enumerate(stack(net)):
+    for index, layer in enumerate(net.layers):
         activation, cache = layer.forward(activation, layer_keys(keys, index))
         outputs.append(activation)
         caches.append(cache)
@@ -100,7 +98,7 @@ def forward_pass(
 
 def output_layer_activation(net: AnyNetwork) -> str | None:
     """G of the output layer when it is dense (its delta^L is fused with the cost), else None."""
-    last = stack(net)[-1]
+    last = net.layers[-1]
     return last.activation if isinstance(last, Dense) else None
 
 
@@ -144,7 +142,7 @@ def backward_pass(net: AnyNetwork, caches: tuple, output_delta: Array) -> tuple[
     dense output layer (which then runs as its linear part, G' already
     applied), dC/d(output) otherwise.
     """
-    layers = list(stack(net))
+    layers = list(net.layers)
     if isinstance(layers[-1], Dense):
         layers[-1] = layers[-1].linear()
     grads, grad_outputs = [None] * len(layers), [None] * len(layers)
@@ -157,7 +155,7 @@ def backward_pass(net: AnyNetwork, caches: tuple, output_delta: Array) -> tuple[
 
 def backward_layers(net: AnyNetwork) -> tuple:
     """The layers as ``backward_pass`` runs them (the dense output layer as its linear part)."""
-    layers = list(stack(net))
+    layers = list(net.layers)
     if isinstance(layers[-1], Dense):
         layers[-1] = layers[-1].linear()
     return tuple(layers)
@@ -172,7 +170,7 @@ def loss_and_grads(
     reduction: str = "mean",
     key: Array | None = None,
     example_offset: int | Array = 0,
-    rule: _rules.Rule | None = None,
+    rule: object = None,
 ) -> tuple[Array, AnyNetwork]:
     """(L, dL/dtheta) by the engine, unjitted and unchecked: for use inside a caller's own jit/scan/shard_map.
 
@@ -181,8 +179,8 @@ def loss_and_grads(
     """
     output, caches = forward_pass(net, x, key, example_offset=example_offset)
     value, delta = loss_and_output_delta(net, output, caches, y, loss=loss, reduction=reduction)
-    if not _rules.is_backprop(rule):
-        return value, _rules.backward_pass(rule, net, caches, delta)
+    if rule is not None:  # a learning rule (purebp.extras.rules) makes the update from the same caches and delta^L
+        return value, rule.backward_pass(net, caches, delta)
     grads, _ = backward_pass(net, caches, delta)
     return value, grads
 
@@ -232,16 +230,6 @@ def compiled_value_and_grad(
 _backprop_trace_jit = jax.jit(_trace, static_argnames=("loss", "reduction"))
 
 
-@functools.partial(jax.jit, static_argnames=("loss", "reduction"))
-def _alignment_jit(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None, rule):
-    # one forward pass; the true gradient and the rule's update both start from its caches and delta^L
-    output, caches = forward_pass(net, x, key)
-    _, delta = loss_and_output_delta(net, output, caches, y, loss=loss, reduction=reduction)
-    true_grads, _ = backward_pass(net, caches, delta)
-    update = true_grads if rule is None else _rules.backward_pass(rule, net, caches, delta)
-    return _rules.alignment(net, true_grads, update, rule)
-
-
 @jax.jit
 def _forward_jit(net: AnyNetwork, x: Array, key: Array | None = None) -> Array:
     return forward_pass(net, x, key)[0]
@@ -270,7 +258,7 @@ def value_and_grad(
     loss: str,
     reduction: str = "mean",
     key: Array | None = None,
-    rule: _rules.Rule | None = None,
+    rule: object = None,
 ) -> tuple[Array, AnyNetwork]:
     """Return (L, dL/dtheta) computed by the hand-written backward pass.
 
@@ -287,7 +275,7 @@ def value_and_grad(
     (none: inference, dropout off). One compile per architecture, shape,
     dtype, loss and reduction.
     """
-    return _checked_call(_value_and_grad_jit, net, x, y, loss, reduction, key, rule=rule)
+    return checked_call(_value_and_grad_jit, net, x, y, loss, reduction, key, rule=rule)
 
 
 def grad(
@@ -298,39 +286,17 @@ def grad(
     loss: str,
     reduction: str = "mean",
     key: Array | None = None,
-    rule: _rules.Rule | None = None,
+    rule: object = None,
 ) -> AnyNetwork:
     """Return dL/dtheta only (see ``value_and_grad``; with a ``rule``, the rule's update)."""
     return value_and_grad(net, x, y, loss=loss, reduction=reduction, key=key, rule=rule)[1]
-
-
-def alignment_angles(
-    net: AnyNetwork,
-    x: Array,
-    y: Array,
-    *,
-    loss: str,
-    reduction: str = "mean",
-    rule: _rules.Rule | None,
-    key: Array | None = None,
-) -> _rules.Alignment:
-    """Return ``rules.Alignment(update, feedback)``: angles in degrees per layer of the stack, on the batch (x, y).
-
-    ``update[l]`` is the angle between the rule's update of W^l and the true
-    gradient dL/dW^l (flattened); ``feedback[l]`` the angle between W^l and the
-    matrix standing in for it in (BP2) (feedback alignment: between (W^l)^T
-    and B^{l-1}); NaN where undefined (see ``rules.Alignment``). One jitted
-    program, one forward pass and two backward passes; the rule is a traced
-    argument, so calling it every epoch costs no compile after the first.
-    """
-    return _checked_call(_alignment_jit, net, x, y, loss, reduction, key, rule=rule, always_rule=True)
 
 
 def backprop_trace(
     net: AnyNetwork, x: Array, y: Array, *, loss: str, reduction: str = "mean", key: Array | None = None
 ) -> BackpropTrace:
     """Return a ``BackpropTrace``: per layer its input, output, z and delta, the loss and grads, from one pass."""
-    return _checked_call(_backprop_trace_jit, net, x, y, loss, reduction, key)
+    return checked_call(_backprop_trace_jit, net, x, y, loss, reduction, key)
 
 
 # ---------------------------------------------------------------- checked calls
@@ -340,7 +306,7 @@ def backprop_trace(
 _CALLED: set[tuple] = set()
 
 
-def _checked_call(
+def checked_call(
     jitted,
     net: AnyNetwork,
     x: Array,
@@ -370,7 +336,7 @@ def _checked_call(
     x, y = _inputs.coerce_inputs(net, x, y)
     signature, n_out = _inputs.check_static(net, x, y, loss, reduction)
     _inputs.check_key(key)
-    rule = _rules.check_rule(rule, net)
+    rule = prepare_rule(rule, net)
     extra = (rule,) if rule is not None or always_rule else ()
     called = (jitted, signature, key is None)
     if called not in _CALLED:
@@ -386,3 +352,19 @@ def _checked_call(
 
 
 _programs.on_clear(lambda: _CALLED.clear())
+
+
+def prepare_rule(rule: object, net: AnyNetwork) -> object:
+    """Return ``rule.prepare(net)``: the rule checked against ``net``, or None for plain backprop.
+
+    A learning rule (``purebp.rules``) is any object with ``prepare(net)`` and
+    ``backward_pass(net, caches, output_delta)``; the engine knows nothing else of it.
+    """
+    if rule is None:
+        return None
+    if not (callable(getattr(rule, "prepare", None)) and callable(getattr(rule, "backward_pass", None))):
+        raise TypeError(
+            "rule must be None or a rule from purebp.rules (backprop(), feedback_alignment(key, net), "
+            f"direct_feedback_alignment(key, net), sign_symmetry()), got {type(rule).__name__}"
+        )
+    return rule.prepare(net)

@@ -16,7 +16,7 @@ import numpy as np
 from purebp import losses as _losses
 from purebp import programs as _programs
 from purebp.layers import Dense
-from purebp.network import AnyNetwork, Layer, Network, Sequential, validate_network, validate_sequential
+from purebp.network import AnyNetwork, Sequential, validate_sequential
 
 Array = jax.Array
 
@@ -46,7 +46,7 @@ def coerce_inputs(net: AnyNetwork, x: object, y: object = None) -> tuple[object,
 
 
 def _parameter_dtype(net: AnyNetwork) -> np.dtype | None:
-    leaves = jax.tree.leaves(net) if isinstance(net, (Network, Sequential)) else []
+    leaves = jax.tree.leaves(net) if isinstance(net, Sequential) else []
     return getattr(leaves[0], "dtype", None) if leaves else None
 
 
@@ -100,9 +100,9 @@ def validate_inputs(
 
 def check_static(net: AnyNetwork, x: Array, y: Array | None, loss: str | None, reduction: str) -> tuple:
     """Check shapes, dtypes and names (cached per signature); return (signature, number of outputs)."""
-    if not isinstance(net, (Network, Sequential)):
+    if not isinstance(net, Sequential):
         raise TypeError(
-            f"expected a purebp.Network or purebp.Sequential as the first argument, got {type(net).__name__}"
+            f"expected a purebp.Sequential (init_mlp, init_network) as the first argument, got {type(net).__name__}"
         )
     try:
         param_signature = tuple([_signature(leaf) for leaf in jax.tree.leaves(net)])
@@ -110,7 +110,7 @@ def check_static(net: AnyNetwork, x: Array, y: Array | None, loss: str | None, r
         raise TypeError(f"the network's parameters must be arrays: {error}") from None
     x_signature = _signature(x)
     y_signature = None if y is None else _signature(y)
-    structure = net.activations if isinstance(net, Network) else jax.tree.structure(net)
+    structure = jax.tree.structure(net)
     signature = (structure, param_signature, x_signature, y_signature, loss, reduction)
     n_out = _validate_structure(*signature)
     return signature, n_out
@@ -139,22 +139,12 @@ def check_key(key: object) -> None:
 @functools.lru_cache(maxsize=1024)
 def _validate_structure(structure, param_signature, x_signature, y_signature, loss, reduction) -> int:
     # cached: the same shapes are checked once, so eager calls stay cheap; returns the number of outputs
-    if isinstance(structure, tuple):  # a Network: its activation names
-        layers = [
-            Layer(w=jax.ShapeDtypeStruct(*param_signature[2 * l]), b=jax.ShapeDtypeStruct(*param_signature[2 * l + 1]))
-            for l in range(len(param_signature) // 2)
-        ]
-        net = Network(layers=tuple(layers), activations=structure)
-        validate_network(net)
-        input_shape, output_shape, dtype = (net.sizes[0],), (net.sizes[-1],), net.dtype
-        output_activation, ends_in = structure[-1], None
-    else:
-        net = jax.tree.unflatten(structure, [jax.ShapeDtypeStruct(*leaf) for leaf in param_signature])
-        output_shape = validate_sequential(net)
-        input_shape, dtype = net.input_shape, net.dtype
-        last = net.layers[-1]
-        output_activation = last.activation if isinstance(last, Dense) else "identity"
-        ends_in = None if isinstance(last, Dense) else last
+    net = jax.tree.unflatten(structure, [jax.ShapeDtypeStruct(*leaf) for leaf in param_signature])
+    output_shape = validate_sequential(net)
+    input_shape, dtype = net.input_shape, net.dtype
+    last = net.layers[-1]
+    output_activation = last.activation if isinstance(last, Dense) else "identity"
+    ends_in = None if isinstance(last, Dense) else last
     x_shape, x_dtype = x_signature
     if len(x_shape) != 1 + len(input_shape):
         expected = "(N, " + ", ".join(map(str, input_shape)) + ")"

@@ -1,19 +1,19 @@
-"""Networks as immutable parameter pytrees.
+"""Networks as immutable parameter pytrees: one type, ``Sequential``.
 
-A multi-layer perceptron is a ``Network``: a tuple of ``Layer(w, b)`` (the
-leaves, ``w`` shaped ``(n_out, n_in)`` as in the notes, ``b`` shaped
-``(n_out,)``) plus one activation name per layer, kept as static metadata in
-the tree structure. Any other stack of layers (``purebp.layers``: dense,
-residual, layer norm, dropout, your own) is a ``Sequential``, made by
-``init_network``. Both run on the same engine (``purebp.engine``), which sees
-a ``Network`` as the stack of ``Dense`` layers it is (``stack``). Nothing here
-mutates: every function returns new values.
+A network is a ``Sequential``: a tuple of layers (``purebp.layers``: dense,
+residual, layer norm, dropout, convolution, pooling, your own) applied in
+order, and the per-example input shape, static. A multi-layer perceptron
+(``init_mlp``) is a ``Sequential`` of ``Dense(w, b, activation)``: ``w`` shaped
+``(n_out, n_in)`` as in the notes, ``b`` shaped ``(n_out,)``, the activation
+name static, so ``jax.tree.leaves(net)`` is exactly ``[w0, b0, w1, b1, ...]``.
+Nothing here mutates: every function returns new values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -24,50 +24,6 @@ from purebp import activations as _activations
 from purebp.layers import Dense
 from purebp.layers.dense import HE_ACTIVATIONS, init_dense
 from purebp.layers.shapes import init_stack, is_layer, output_shape
-
-
-@dataclasses.dataclass(frozen=True)
-class Layer:
-    """One affine layer, z = W a_prev + b, with W of shape (n_out, n_in)."""
-
-    w: jax.Array
-    b: jax.Array
-
-    def __repr__(self) -> str:
-        return f"Layer(w={_describe(self.w)}, b={_describe(self.b)})"
-
-
-@dataclasses.dataclass(frozen=True)
-class Network:
-    """An MLP: ``layers[l]`` maps a^{l} to z^{l+1}; ``activations[l]`` is G for it.
-
-    ``activations`` is part of the tree structure (static), so
-    ``jax.tree.leaves(net)`` is exactly ``[w0, b0, w1, b1, ...]`` and two
-    networks with different activations never share a compiled function.
-    """
-
-    layers: tuple[Layer, ...]
-    activations: tuple[str, ...]
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        """Layer widths (n_0, n_1, ..., n_L), read off the weight shapes."""
-        return (self.layers[0].w.shape[1],) + tuple(layer.w.shape[0] for layer in self.layers)
-
-    @property
-    def dtype(self) -> np.dtype:
-        """The floating dtype of the parameters."""
-        return np.dtype(self.layers[0].w.dtype)
-
-    def __repr__(self) -> str:
-        try:
-            return f"Network(sizes={self.sizes}, activations={self.activations}, dtype={self.dtype})"
-        except (AttributeError, IndexError, TypeError):  # leaves that are not arrays
-            return f"Network(layers={self.layers!r}, activations={self.activations!r})"
-
-
-jax.tree_util.register_dataclass(Layer, data_fields=["w", "b"], meta_fields=[])
-jax.tree_util.register_dataclass(Network, data_fields=["layers"], meta_fields=["activations"])
 
 
 def _describe(leaf: object) -> str:
@@ -104,8 +60,8 @@ def init_mlp(
     activations: Sequence[str],
     *,
     dtype: jnp.dtype = jnp.float32,
-) -> Network:
-    """Return a freshly initialised ``Network`` with layer widths ``sizes``.
+) -> Sequential:
+    """Return a freshly initialised MLP with layer widths ``sizes``: a ``Sequential`` of ``Dense`` layers.
 
     Layer l gets W ~ N(0, s^2) with s = sqrt(2 / n_in) (He) when its activation
     is relu, leaky_relu, elu, gelu or softplus, and s = sqrt(2 / (n_in + n_out))
@@ -123,15 +79,15 @@ def init_mlp(
         raise TypeError(
             "dtype=float64 needs jax_enable_x64: call jax.config.update('jax_enable_x64', True) before creating arrays"
         )
-    return Network(layers=_init_layers(key, sizes, activations, dtype), activations=activations)
+    return Sequential(layers=_init_layers(key, sizes, activations, dtype), input_shape=(sizes[0],))
 
 
 @functools.partial(jax.jit, static_argnames=("sizes", "activations", "dtype"))
-def _init_layers(key, sizes, activations, dtype) -> tuple[Layer, ...]:
+def _init_layers(key, sizes, activations, dtype) -> tuple[Dense, ...]:
     # one compile per architecture instead of one eager random kernel per layer
     keys = jax.random.split(key, len(sizes) - 1)
     return tuple(
-        Layer(*init_dense(layer_key, n_in, n_out, name, dtype))
+        Dense(*init_dense(layer_key, n_in, n_out, name, dtype), name)
         for layer_key, n_in, n_out, name in zip(keys, sizes[:-1], sizes[1:], activations)
     )
 
@@ -160,39 +116,6 @@ def validate_architecture(sizes: Sequence[int], activations: Sequence[str]) -> N
             )
 
 
-def validate_network(net: Network) -> None:
-    """Raise a clear error if ``net`` is not a consistent MLP (shapes, dtypes, names)."""
-    if not isinstance(net, Network):
-        raise TypeError(f"expected a purebp.Network, got {type(net).__name__}")
-    if not net.layers:
-        raise ValueError("the network has no layers")
-    if len(net.activations) != len(net.layers):
-        raise ValueError(f"the network has {len(net.layers)} layers but {len(net.activations)} activation names")
-    dtype = None
-    for l, layer in enumerate(net.layers):
-        w, b = layer.w, layer.b
-        if getattr(w, "ndim", None) != 2 or getattr(b, "ndim", None) != 1:
-            raise ValueError(
-                f"layer {l}: expected w of shape (n_out, n_in) and b of shape (n_out,), got "
-                f"w {getattr(w, 'shape', w)} and b {getattr(b, 'shape', b)}"
-            )
-        if w.shape[0] != b.shape[0]:
-            raise ValueError(f"layer {l}: w has {w.shape[0]} rows but b has {b.shape[0]} entries")
-        if l > 0 and w.shape[1] != net.layers[l - 1].w.shape[0]:
-            raise ValueError(
-                f"layer {l}: w expects {w.shape[1]} inputs but layer {l - 1} has {net.layers[l - 1].w.shape[0]} outputs"
-            )
-        for leaf_name, leaf in (("w", w), ("b", b)):
-            if not jnp.issubdtype(leaf.dtype, jnp.floating):
-                raise TypeError(f"layer {l}: {leaf_name} has non-floating dtype {leaf.dtype}")
-            if leaf.dtype not in SUPPORTED_DTYPES:
-                raise TypeError(f"layer {l}: {leaf_name} has dtype {leaf.dtype}; supported dtypes: {_SUPPORTED_NAMES}")
-            dtype = dtype or leaf.dtype
-            if leaf.dtype != dtype:
-                raise TypeError(f"layer {l}: {leaf_name} is {leaf.dtype} but earlier parameters are {dtype}")
-    validate_architecture(net.sizes, net.activations)
-
-
 @dataclasses.dataclass(frozen=True)
 class Sequential:
     """A stack of layers applied in order: ``layers`` (pytrees with forward/backward), ``input_shape`` static.
@@ -210,6 +133,18 @@ class Sequential:
         """The floating dtype of the parameters (None for a stack without any)."""
         leaves = [leaf for leaf in jax.tree.leaves(self) if hasattr(leaf, "dtype")]
         return np.dtype(leaves[0].dtype) if leaves else None
+
+    @property
+    def activations(self) -> tuple[str | None, ...]:
+        """G's name per layer (an MLP's ``activations``); None for a layer without one."""
+        return tuple(getattr(layer, "activation", None) for layer in self.layers)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Widths (n_0, n_1, ..., n_L) of a stack of dense layers, read off the weight shapes."""
+        if not all(isinstance(layer, Dense) for layer in self.layers):
+            raise AttributeError("sizes is defined for a stack of dense layers only; see output_shape")
+        return tuple(self.input_shape) + tuple(layer.w.shape[0] for layer in self.layers)
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -239,7 +174,7 @@ def _layer_repr(layer: object) -> str:
 
 jax.tree_util.register_dataclass(Sequential)  # the layers' leaves; input_shape static
 
-AnyNetwork = Network | Sequential
+AnyNetwork = Sequential  # the one network type (the name kept for annotations)
 
 
 def init_network(
@@ -279,21 +214,20 @@ def init_network(
     return Sequential(layers=stack_layers, input_shape=tuple(int(n) for n in input_shape))
 
 
-def stack(net: AnyNetwork) -> tuple:
-    """Return the layers the engine runs: ``Dense(w, b, G)`` per layer of a ``Network``, ``net.layers`` otherwise."""
-    if isinstance(net, Network):
-        return tuple(Dense(layer.w, layer.b, name) for layer, name in zip(net.layers, net.activations))
-    return net.layers
+def dense_stack(weights: Sequence[jax.Array], biases: Sequence[jax.Array], activations: Sequence[str]) -> Sequential:
+    """An MLP from given parameters: ``Dense(weights[l], biases[l], activations[l])`` in order, unchecked."""
+    layers = tuple(Dense(w, b, name) for w, b, name in zip(weights, biases, activations, strict=True))
+    return Sequential(layers=layers, input_shape=(int(layers[0].w.shape[1]),))
+
+
+def is_mlp(net: AnyNetwork) -> bool:
+    """True for a stack of dense layers only (an ``init_mlp`` network): it has ``sizes`` and ``activations``."""
+    return isinstance(net, Sequential) and bool(net.layers) and all(isinstance(layer, Dense) for layer in net.layers)
 
 
 def like(net: AnyNetwork, layers: Sequence[object]) -> AnyNetwork:
     """Return a network with the tree structure of ``net`` and the leaves of ``layers`` (e.g. its gradients)."""
     return jax.tree.unflatten(jax.tree.structure(net), jax.tree.leaves(tuple(layers)))
-
-
-def input_shape_of(net: AnyNetwork) -> tuple[int, ...]:
-    """The per-example input shape: (n_0,) for a ``Network``."""
-    return (net.layers[0].w.shape[1],) if isinstance(net, Network) else net.input_shape
 
 
 def validate_sequential(net: Sequential) -> tuple[int, ...]:
@@ -322,3 +256,53 @@ def validate_sequential(net: Sequential) -> tuple[int, ...]:
         except (ValueError, TypeError) as error:
             raise type(error)(f"layer {index} ({layer!r}): {error}") from None
     return shape
+
+
+# ---------------------------------------------------------------- deprecated: the MLP type of earlier versions
+
+
+class _Deprecated(type):
+    # the former classes: calling one builds the new type (with a warning); isinstance still answers
+    def __instancecheck__(cls, instance: object) -> bool:
+        return cls._is_instance(instance)
+
+    def __call__(cls, *args, **kwargs):
+        warnings.warn(f"purebp.{cls.__name__} is deprecated: {cls._instead}", DeprecationWarning, stacklevel=2)
+        return cls._build(*args, **kwargs)
+
+
+class Layer(metaclass=_Deprecated):
+    """Deprecated: a dense layer is ``Dense(w, b, activation)``; ``Layer(w, b)`` returns ``Dense(w, b)``."""
+
+    _instead = "use purebp.Dense(w, b, activation)"
+
+    @staticmethod
+    def _is_instance(instance: object) -> bool:
+        return isinstance(instance, Dense)
+
+    @staticmethod
+    def _build(w: jax.Array, b: jax.Array) -> Dense:
+        return Dense(w, b)
+
+
+class Network(metaclass=_Deprecated):
+    """Deprecated: an MLP is a ``Sequential`` of ``Dense`` (what ``init_mlp`` returns).
+
+    ``Network(layers, activations)`` returns that ``Sequential``; ``isinstance(net, Network)`` is ``is_mlp(net)``.
+    """
+
+    _instead = "an MLP is a purebp.Sequential of purebp.Dense layers (init_mlp returns one)"
+
+    @staticmethod
+    def _is_instance(instance: object) -> bool:
+        return is_mlp(instance)
+
+    @staticmethod
+    def _build(layers: Sequence[Dense], activations: Sequence[str]) -> Sequential:
+        layers = tuple(layers)
+        if len(layers) != len(activations):
+            raise ValueError(f"the network has {len(layers)} layers but {len(activations)} activation names")
+        if layers and all(hasattr(layer.w, "shape") for layer in layers):
+            sizes = (layers[0].w.shape[1],) + tuple(layer.w.shape[0] for layer in layers)
+            validate_architecture(sizes, tuple(activations))
+        return dense_stack([layer.w for layer in layers], [layer.b for layer in layers], activations)

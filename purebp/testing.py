@@ -29,7 +29,7 @@ from purebp import activations as _activations
 from purebp import losses as _losses
 from purebp.check import GradientReport, check_gradients
 from purebp.layers import kinds as _kinds
-from purebp.network import AnyNetwork, Layer, Network, Sequential, validate_sequential
+from purebp.network import AnyNetwork, Sequential, dense_stack, validate_sequential
 
 HIDDEN_ACTIVATIONS = tuple(name for name in _activations.BUILTIN_NAMES if name != "softmax")
 # every (built-in loss, built-in output activation) pair purebp accepts, from the loss table
@@ -64,7 +64,7 @@ class Case:
     """A network with inputs and targets that fit it, and the loss to use."""
 
     spec: CaseSpec
-    net: Network
+    net: Sequential
     x: jax.Array
     y: jax.Array
 
@@ -93,14 +93,11 @@ def make_case(spec: CaseSpec) -> Case:
     """
     dtype = np.dtype(spec.dtype)
     rng = np.random.default_rng(spec.seed)
-    layers = tuple(
-        Layer(
-            w=jnp.asarray(rng.standard_normal((n_out, n_in)) / np.sqrt(n_in), dtype=dtype),
-            b=jnp.asarray(0.5 * rng.standard_normal(n_out), dtype=dtype),
-        )
-        for n_in, n_out in zip(spec.sizes[:-1], spec.sizes[1:])
-    )
-    net = Network(layers=layers, activations=tuple(spec.activations))
+    weights, biases = [], []
+    for n_in, n_out in zip(spec.sizes[:-1], spec.sizes[1:]):  # drawn in this order: w then b, layer by layer
+        weights.append(jnp.asarray(rng.standard_normal((n_out, n_in)) / np.sqrt(n_in), dtype=dtype))
+        biases.append(jnp.asarray(0.5 * rng.standard_normal(n_out), dtype=dtype))
+    net = dense_stack(weights, biases, tuple(spec.activations))
     x = jnp.asarray(spec.input_scale * rng.standard_normal((spec.batch, spec.sizes[0])), dtype=dtype)
     n_out = spec.sizes[-1]
     cost = _losses.get(spec.loss)
@@ -199,7 +196,7 @@ def assert_gradients_match(
 ) -> GradientReport:
     """Assert that purebp's hand-written gradient equals jax.grad's; return the report.
 
-    Works on an ``init_mlp`` ``Network`` and on any ``Sequential``; ``key``
+    Works on any ``Sequential`` (``init_mlp``'s and ``init_network``'s); ``key``
     draws the dropout masks (the same for both passes). On failure, the
     AssertionError carries the per-leaf table (max abs error, relative error,
     first failing layer) of ``check_gradients``.

@@ -125,12 +125,13 @@ def test_float64_without_x64_is_explained():
 
 def test_inconsistent_hand_built_network(x):
     layers = (
-        pb.Layer(w=jnp.ones((5, 4), jnp.float64), b=jnp.ones((5,), jnp.float64)),
-        pb.Layer(w=jnp.ones((3, 6), jnp.float64), b=jnp.ones((3,), jnp.float64)),
+        pb.Dense(jnp.ones((5, 4), jnp.float64), jnp.ones((5,), jnp.float64), "relu"),
+        pb.Dense(jnp.ones((3, 6), jnp.float64), jnp.ones((3,), jnp.float64)),
     )
-    with pytest.raises(ValueError, match="layer 1: w expects 6 inputs but layer 0 has 5 outputs"):
-        pb.forward(pb.Network(layers=layers, activations=("relu", "identity")), x)
-    with pytest.raises(TypeError, match="expected a purebp.Network"):
+    message = r"layer 1 \(Dense\(3, 'identity'\)\): w expects 6 inputs but the layer receives 5"
+    with pytest.raises(ValueError, match=message):
+        pb.forward(pb.Sequential(layers=layers, input_shape=(4,)), x)
+    with pytest.raises(TypeError, match="expected a purebp.Sequential"):
         pb.forward({"w": 1}, x)
 
 

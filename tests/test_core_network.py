@@ -66,17 +66,31 @@ def test_optax_update_lines_up_leaf_for_leaf_and_leaves_input_untouched():
     with jax.numpy_dtype_promotion("standard"):  # optax's adam mixes int32 counts with floats
         updates, state = optimizer.update(grads, state, net)
     new_net = optax.apply_updates(net, updates)
-    assert isinstance(new_net, pb.Network) and new_net.activations == net.activations
+    assert isinstance(new_net, pb.Sequential) and new_net.activations == net.activations
     for old, leaf in zip(before, jax.tree.leaves(net)):
         np.testing.assert_array_equal(old, leaf)
     assert any(not np.array_equal(a, b) for a, b in zip(before, jax.tree.leaves(new_net)))
 
 
+def test_deprecated_network_and_layer_build_the_one_type():
+    net = pb.init_mlp(jax.random.key(0), (3, 4, 2), ("tanh", "sigmoid"))
+    assert isinstance(net, pb.Network) and isinstance(net.layers[0], pb.Layer)  # isinstance keeps answering
+    with pytest.warns(DeprecationWarning, match="purebp.Layer is deprecated"):
+        layers = [pb.Layer(w=layer.w, b=layer.b) for layer in net.layers]
+    with pytest.warns(DeprecationWarning, match="purebp.Network is deprecated"):
+        rebuilt = pb.Network(layers=layers, activations=net.activations)
+    assert type(rebuilt) is pb.Sequential and rebuilt.activations == ("tanh", "sigmoid")
+    assert jax.tree.structure(rebuilt) == jax.tree.structure(net)
+    assert not isinstance(pb.init_network(jax.random.key(0), (3,), [pb.dense(2), pb.layer_norm()]), pb.Network)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="softmax is only allowed on the output"):
+        pb.Network(layers=layers, activations=("softmax", "sigmoid"))
+
+
 def test_repr_names_the_architecture():
     net = pb.init_mlp(jax.random.key(0), (3, 4, 2), ("tanh", "sigmoid"))
-    assert repr(net) == "Network(sizes=(3, 4, 2), activations=('tanh', 'sigmoid'), dtype=float32)"
+    assert repr(net) == "Sequential(input_shape=(3,), layers=[Dense(4, 'tanh'), Dense(2, 'sigmoid')])"
     # tree utilities may put non-arrays in the leaves: repr must not crash
-    assert "Network" in repr(jax.tree.map(lambda _: None, net, is_leaf=lambda x: x is None))
+    assert "Sequential" in repr(jax.tree.map(lambda _: None, net, is_leaf=lambda x: x is None))
 
 
 def test_sequential_repr_survives_scalar_and_non_array_leaves():

@@ -248,7 +248,7 @@ def test_bad_rules_and_feedback_are_clear_errors():
             rule=pb.rules.feedback_alignment(jax.random.key(0), net),
         )  # fmt: skip
     assert backprop._value_and_grad_jit._cache_size() == compiled
-    with pytest.raises(TypeError, match="rule must be None or a rule from purebp.extras.rules"):
+    with pytest.raises(TypeError, match="rule must be None or a rule from purebp.rules"):
         pb.value_and_grad(net, x, y, loss=LOSS, rule="fa")
     with pytest.raises(ValueError, match="feedback has 1 matrices but the network has 2 dense layers after the first"):
         pb.rules.feedback_alignment(None, net, feedback=[net.layers[1].w])

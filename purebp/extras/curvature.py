@@ -54,7 +54,7 @@ from purebp import losses as _losses
 from purebp.extras.per_example import validate_key
 from purebp.layers import Conv1d, Dense, Dropout, Flatten, LayerNorm, Residual
 from purebp.layers.pool import AvgPool1d, MaxPool1d
-from purebp.network import AnyNetwork, Network, Sequential, like, stack
+from purebp.network import AnyNetwork, Sequential, like
 
 Array = jax.Array
 
@@ -349,7 +349,7 @@ def _ggn_vector_product_jit(net, x, y, v, dropout_key, *, loss, reduction):
                 collect(layer.layers, tangent.layers)
 
     layers = _top_layers(net)
-    collect(layers, stack(v))
+    collect(layers, v.layers)
 
     def dot_visit(layer, cache, columns, weights):
         # <dC^{nm}/dtheta^l, v^l>: the layer's rule, or its per-example gradients dotted with v^l
@@ -612,7 +612,7 @@ def ggn_vector_product(
 
 
 def _validate_tangent(net: AnyNetwork, v: object) -> None:
-    if not isinstance(v, (Network, Sequential)) or jax.tree.structure(v) != jax.tree.structure(net):
+    if not isinstance(v, Sequential) or jax.tree.structure(v) != jax.tree.structure(net):
         raise ValueError(
             "ggn_vector_product: v must be a tree like the network (e.g. pb.grad(...) or "
             f"jax.tree.map(jnp.ones_like, net)), got {type(v).__name__} with structure {jax.tree.structure(v)}"

@@ -380,12 +380,11 @@ def _as_factors(entry: object) -> object:
 
 
 def _stack_of(updates: object, who: str) -> tuple:
-    if not isinstance(updates, (_network.Network, _network.Sequential)):
+    if not isinstance(updates, _network.Sequential):
         raise TypeError(
-            f"{who}: the updates must be a purebp Network or Sequential (the gradient tree), got "
-            f"{type(updates).__name__}"
+            f"{who}: the updates must be a purebp Sequential (the gradient tree), got {type(updates).__name__}"
         )
-    return _network.stack(updates)
+    return updates.layers
 
 
 def kfac_preconditioner(

@@ -56,9 +56,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from purebp import engine as _engine
 from purebp.layers import Dense, Dropout
 from purebp.layers.dense import init_dense
-from purebp.network import AnyNetwork, Network, Sequential, like, stack
+from purebp.network import AnyNetwork, Sequential, like
 
 Array = jax.Array
 
@@ -68,15 +69,25 @@ KINDS = ("backprop", "feedback_alignment", "direct_feedback_alignment", "sign_sy
 # ---------------------------------------------------------------- the rules
 
 
+class _Plug:
+    """What the engine calls on a rule: ``prepare(net)`` (checked, or None for backprop) and ``backward_pass``."""
+
+    def prepare(self, net: AnyNetwork) -> Rule | None:
+        return check_rule(self, net)
+
+    def backward_pass(self, net: AnyNetwork, caches: tuple, output_delta: Array) -> AnyNetwork:
+        return backward_pass(self, net, caches, output_delta)
+
+
 @dataclasses.dataclass(frozen=True)
-class Backprop:
+class Backprop(_Plug):
     """The true gradient: (BP2) with W^{l+1}. ``rule=None`` means the same; no leaves."""
 
     kind = "backprop"
 
 
 @dataclasses.dataclass(frozen=True)
-class FeedbackAlignment:
+class FeedbackAlignment(_Plug):
     """(BP2) with a fixed M^{l+1} (W^{l+1}'s shape) in place of W^{l+1}: ``grad_in = delta @ M``.
 
     ``feedback[l]`` is M for layer l of the stack (None for the first dense
@@ -91,7 +102,7 @@ class FeedbackAlignment:
 
 
 @dataclasses.dataclass(frozen=True)
-class DirectFeedbackAlignment:
+class DirectFeedbackAlignment(_Plug):
     """Each hidden dense layer l gets ``grad = e @ feedback[l]``, e = delta^L (N, n_L), ``feedback[l]`` (n_L, n_l).
 
     None for the output layer and for dropout layers.
@@ -102,7 +113,7 @@ class DirectFeedbackAlignment:
 
 
 @dataclasses.dataclass(frozen=True)
-class SignSymmetry:
+class SignSymmetry(_Plug):
     """(BP2) with sign(W^{l+1}) in place of W^{l+1}; no leaves (the signs are read off the current weights)."""
 
     kind = "sign_symmetry"
@@ -171,7 +182,7 @@ def feedback_alignment(
             for i in above_first
         }  # fmt: skip
     else:
-        if isinstance(feedback, (Network, Sequential)):
+        if isinstance(feedback, Sequential):
             given = [layer.w for layer in _dense_stack(feedback, "feedback_alignment") if isinstance(layer, Dense)][1:]
         elif isinstance(feedback, Sequence):
             given = list(feedback)
@@ -207,7 +218,7 @@ def direct_feedback_alignment(key: Array, net: AnyNetwork, *, feedback: Sequence
         dtype = np.dtype(layers[hidden[0]].w.dtype) if hidden else None
         matrices = {i: _dfa_draw(keys[i], n_out, int(layers[i].w.shape[0]), dtype) for i in hidden}
     else:
-        if isinstance(feedback, (str, Network, Sequential)) or not isinstance(feedback, Sequence):
+        if isinstance(feedback, (str, Sequential)) or not isinstance(feedback, Sequence):
             raise TypeError(f"feedback must be None or a sequence of matrices; got {type(feedback).__name__}")
         if len(feedback) != len(hidden):
             raise ValueError(
@@ -230,9 +241,9 @@ def _dfa_draw(key: Array, n_out: int, width: int, dtype: np.dtype) -> Array:
 
 
 def _dense_stack(net: AnyNetwork, kind: str) -> tuple:
-    if not isinstance(net, (Network, Sequential)):
-        raise TypeError(f"expected a purebp.Network or purebp.Sequential, got {type(net).__name__}")
-    layers = stack(net)
+    if not isinstance(net, Sequential):
+        raise TypeError(f"expected a purebp.Sequential, got {type(net).__name__}")
+    layers = net.layers
     for index, layer in enumerate(layers):
         if not isinstance(layer, (Dense, Dropout)):
             raise TypeError(
@@ -255,7 +266,7 @@ def normalize(rule: object) -> Rule | None:
         return None
     if not isinstance(rule, RULE_TYPES):
         raise TypeError(
-            "rule must be None or a rule from purebp.extras.rules (backprop(), feedback_alignment(key, net), "
+            "rule must be None or a rule from purebp.rules (backprop(), feedback_alignment(key, net), "
             f"direct_feedback_alignment(key, net), sign_symmetry()), got {type(rule).__name__}"
         )
     return rule
@@ -282,10 +293,10 @@ def check_rule(rule: object, net: AnyNetwork) -> Rule | None:
 
 
 def _network_signature(net: AnyNetwork) -> tuple:
-    if not isinstance(net, (Network, Sequential)):
-        raise TypeError(f"expected a purebp.Network or purebp.Sequential, got {type(net).__name__}")
+    if not isinstance(net, Sequential):
+        raise TypeError(f"expected a purebp.Sequential, got {type(net).__name__}")
     signature = []
-    for layer in stack(net):
+    for layer in net.layers:
         if isinstance(layer, Dense):
             signature.append(("Dense", tuple(np.shape(layer.w)), str(jnp.result_type(layer.w))))
         else:
@@ -386,7 +397,7 @@ def backward_pass(rule: Rule | None, net: AnyNetwork, caches: tuple, output_delt
     ``delta @ W``; under DFA it is ``e @ F^l``, gated by the masks of any
     dropout layers above it (as backprop's error would be).
     """
-    layers = list(stack(net))
+    layers = list(net.layers)
     layers[-1] = layers[-1].linear()  # delta^L is fused with the cost
     direct = isinstance(rule, DirectFeedbackAlignment)
     grads, grad = [None] * len(layers), output_delta
@@ -445,7 +456,7 @@ def angle_degrees(a: Array, b: Array) -> Array:
 
 
 def _alignment(net: AnyNetwork, true_grads: AnyNetwork, update: AnyNetwork, rule: Rule | None) -> Alignment:
-    layers, true_layers, rule_layers = stack(net), stack(true_grads), stack(update)
+    layers, true_layers, rule_layers = net.layers, true_grads.layers, update.layers
     nan = jnp.full((), jnp.nan, dtype=jax.tree.leaves(net)[0].dtype)
     first_dense = next(i for i, layer in enumerate(layers) if isinstance(layer, Dense))
     updates, feedbacks = [], []
@@ -466,3 +477,35 @@ def _alignment(net: AnyNetwork, true_grads: AnyNetwork, update: AnyNetwork, rule
 def alignment(net: AnyNetwork, true_grads: AnyNetwork, update: AnyNetwork, rule: object) -> Alignment:
     """``Alignment`` from the true gradient and the rule's update, already computed (unjitted, unchecked)."""
     return _alignment(net, true_grads, update, normalize(rule))
+
+
+@functools.partial(jax.jit, static_argnames=("loss", "reduction"))
+def _alignment_jit(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None, rule):
+    # one forward pass; the true gradient and the rule's update both start from its caches and delta^L
+    output, caches = _engine.forward_pass(net, x, key)
+    _, delta = _engine.loss_and_output_delta(net, output, caches, y, loss=loss, reduction=reduction)
+    true_grads, _ = _engine.backward_pass(net, caches, delta)
+    update = true_grads if rule is None else backward_pass(rule, net, caches, delta)
+    return alignment(net, true_grads, update, rule)
+
+
+def alignment_angles(
+    net: AnyNetwork,
+    x: Array,
+    y: Array,
+    *,
+    loss: str,
+    reduction: str = "mean",
+    rule: Rule | None,
+    key: Array | None = None,
+) -> Alignment:
+    """Return ``rules.Alignment(update, feedback)``: angles in degrees per layer of the stack, on the batch (x, y).
+
+    ``update[l]`` is the angle between the rule's update of W^l and the true
+    gradient dL/dW^l (flattened); ``feedback[l]`` the angle between W^l and the
+    matrix standing in for it in (BP2) (feedback alignment: between (W^l)^T
+    and B^{l-1}); NaN where undefined (see ``rules.Alignment``). One jitted
+    program, one forward pass and two backward passes; the rule is a traced
+    argument, so calling it every epoch costs no compile after the first.
+    """
+    return _engine.checked_call(_alignment_jit, net, x, y, loss, reduction, key, rule=rule, always_rule=True)

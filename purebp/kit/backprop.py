@@ -47,7 +47,7 @@ import numpy as np
 from purebp import activations as _activations
 from purebp import check as _check
 from purebp import losses as _losses
-from purebp.network import Layer, Network
+from purebp.network import dense_stack
 
 LAYOUTS = ("columns", "rows", "examples")
 DTYPES = ("float64", "float32")
@@ -333,8 +333,8 @@ def _witness(ctx: _Ctx) -> tuple[list, list]:
         if l == L and out_pad is not None:
             bias[:] = out_pad[0]
         bias[: sizes[l]] = ctx.b[l]
-        layers.append(Layer(jnp.asarray(w), jnp.asarray(bias)))
-    net = Network(layers=tuple(layers), activations=(spec.activation,) * (L - 1) + (spec.output,))
+        layers.append((jnp.asarray(w), jnp.asarray(bias)))
+    net = dense_stack(*zip(*layers), (spec.activation,) * (L - 1) + (spec.output,))
     y = ctx.y
     if out_pad is not None:
         y = np.full((ctx.N, padded[L]), out_pad[1])
@@ -352,9 +352,10 @@ def _witness(ctx: _Ctx) -> tuple[list, list]:
     gb = [None] + [ctx.scale * g[: sizes[l + 1]] for l, g in enumerate(gb)]
     if all(np.all(np.isfinite(g)) for g in gw[1:] + gb[1:]):
         return gw, gb
-    exact = Network(
-        layers=tuple(Layer(jnp.asarray(ctx.W[l]), jnp.asarray(ctx.b[l])) for l in range(1, L + 1)),
-        activations=net.activations,
+    exact = dense_stack(
+        [jnp.asarray(ctx.W[l]) for l in range(1, L + 1)],
+        [jnp.asarray(ctx.b[l]) for l in range(1, L + 1)],
+        net.activations,
     )
     _, grads = _check.autodiff_value_and_grad(exact, ctx.x, ctx.y, loss=spec.loss, reduction=spec.reduction)
     return [None] + [np.asarray(g.w) for g in grads.layers], [None] + [np.asarray(g.b) for g in grads.layers]

@@ -7,20 +7,20 @@ or the new one, never a mix. Reading checks everything (format version,
 structure, shapes, dtypes; the zip's CRC-32 catches corrupted bytes) and turns
 any problem into a ``CheckpointError`` that names the file.
 
-Two layouts, both read by ``load_checkpoint`` (``np.load(path)`` reads either,
-no pickle anywhere):
+One layout is written, ``purebp-checkpoint-2`` (``np.load(path)`` reads it, no
+pickle anywhere): ``params/<i>``, the network's parameters in ``jax.tree.leaves``
+order; the meta has ``network`` (``describe_network``: the input shape and, per
+layer, its kind and static fields, enough to rebuild a stack of known layer
+kinds without pickle: each kind's row in ``purebp.layers.kinds`` describes and
+rebuilds it), ``param_paths`` (each leaf's ``jax.tree_util.keystr`` path, e.g.
+``.layers[1].layers[0].w``), ``param_leaves`` (shape and dtype per leaf) and
+``treedef`` (``str`` of the network's tree structure, a last structure check).
 
-- ``purebp-checkpoint-1``, for a ``Network`` (an MLP from ``init_mlp``):
-  ``net/<l>/w`` and ``net/<l>/b``; the meta has ``sizes``, ``activations`` and
-  ``dtype``. MLPs are still written in this layout, so that files stay
-  readable by purebp versions that know only it.
-- ``purebp-checkpoint-2``, for a ``Sequential`` (from ``init_network``):
-  ``params/<i>``, the parameters in ``jax.tree.leaves`` order; the meta has
-  ``network`` (``describe_network``: the input shape and, per layer, its kind
-  and static fields, enough to rebuild a stack of built-in layers without
-  pickle), ``param_paths`` (each leaf's ``jax.tree_util.keystr`` path, e.g.
-  ``.layers[1].layers[0].w``), ``param_leaves`` (shape and dtype per leaf) and
-  ``treedef`` (``str`` of the network's tree structure, a last structure check).
+The MLP layout of earlier versions, ``purebp-checkpoint-1`` (``net/<l>/w`` and
+``net/<l>/b``; the meta has ``sizes``, ``activations`` and ``dtype``), is still
+read, into ``Sequential(layers=(Dense(w, b, activation), ...), input_shape=(n_in,))``;
+its optimizer state (whose stored tree structure names the old ``Network``
+type) is matched to the template leaf by leaf: same count, shapes and dtypes.
 
 Both also hold ``opt/<i>`` (the optimizer state's leaves in ``jax.tree.leaves``
 order), ``key_data`` (``jax.random.key_data(key)``, absent without a key) and
@@ -44,8 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from purebp.layers import Dense as _Dense
 from purebp.layers import kinds as _kinds
-from purebp.network import Layer, Network, Sequential, validate_network, validate_sequential
+from purebp.network import Sequential, validate_architecture, validate_sequential
+from purebp.version import __version__
 
 FORMAT_MLP = "purebp-checkpoint-1"
 FORMAT_SEQUENTIAL = "purebp-checkpoint-2"
@@ -60,7 +62,7 @@ class CheckpointError(ValueError):
 class Checkpoint:
     """What ``load_checkpoint`` returns. ``opt_state`` is None unless a template was given."""
 
-    net: Network | Sequential
+    net: Sequential
     opt_state: Any
     step: int
     key: jax.Array | None
@@ -68,8 +70,6 @@ class Checkpoint:
 
 
 def _version() -> str:
-    from purebp import __version__
-
     return __version__
 
 
@@ -111,24 +111,16 @@ def describe_layer(layer: object, where: str = "layer") -> dict:
     }
 
 
-def describe_network(net: Network | Sequential) -> dict:
+def describe_network(net: Sequential) -> dict:
     """Return a JSON-able description of ``net``'s architecture (no parameter values).
 
-    A ``Network``: ``{"kind": "mlp", "sizes", "activations", "dtype"}``. A
-    ``Sequential``: ``{"kind": "sequential", "input_shape", "dtype", "layers"}``
-    with one ``describe_layer`` entry per layer. Two networks with the same
-    description have the same architecture and dtype; for built-in layers the
+    ``{"kind": "sequential", "input_shape", "dtype", "layers"}`` with one
+    ``describe_layer`` entry per layer. Two networks with the same description
+    have the same architecture and dtype; for the table's layer kinds the
     description is enough to rebuild the network's structure (the values come
     from the checkpoint). Raises TypeError for anything else, and for a
     built-in layer whose static field is not a plain Python value.
     """
-    if isinstance(net, Network):
-        return {
-            "kind": "mlp",
-            "sizes": [int(n) for n in net.sizes],
-            "activations": list(net.activations),
-            "dtype": str(net.dtype),
-        }
     if isinstance(net, Sequential):
         dtype = net.dtype
         layers = _layers_tuple(net.layers, "the network")
@@ -138,7 +130,7 @@ def describe_network(net: Network | Sequential) -> dict:
             "dtype": None if dtype is None else str(dtype),
             "layers": [describe_layer(layer, f"layers[{i}]") for i, layer in enumerate(layers)],
         }
-    raise TypeError(f"expected a purebp.Network or purebp.Sequential, got {type(net).__name__}")
+    raise TypeError(f"expected a purebp.Sequential, got {type(net).__name__}")
 
 
 def _skeleton(path: str, description: dict) -> Sequential:
@@ -218,7 +210,7 @@ def _shape_dtype(array: np.ndarray) -> list:
 
 def save_checkpoint(
     path: str | os.PathLike,
-    net: Network | Sequential,
+    net: Sequential,
     opt_state: Any = None,
     *,
     step: int = 0,
@@ -227,27 +219,15 @@ def save_checkpoint(
 ) -> None:
     """Write ``net``, ``opt_state`` (a pytree), ``step``, ``key`` and JSON ``metadata`` to ``path`` atomically.
 
-    ``net`` is a ``Network`` (written as ``purebp-checkpoint-1``) or a
-    ``Sequential`` of any layers (``purebp-checkpoint-2``; one holding a layer
-    of your own loads back with ``net_template=``). The previous file at
+    ``net`` is a ``Sequential`` of any layers (written as
+    ``purebp-checkpoint-2``; one holding a layer of your own whose kind has no
+    row in ``purebp.layers.kinds`` loads back with ``net_template=``). The previous file at
     ``path``, if any, is replaced only once the new one is complete on disk.
     Arrays are stored exactly: a round trip is bit-identical.
     """
     path = os.fspath(path)
     arrays: dict[str, np.ndarray] = {}
-    if isinstance(net, Network):
-        validate_network(net)
-        for l, layer in enumerate(net.layers):
-            arrays[f"net/{l}/w"] = np.asarray(layer.w)
-            arrays[f"net/{l}/b"] = np.asarray(layer.b)
-        meta: dict[str, Any] = {
-            "format": FORMAT_MLP,
-            "purebp_version": _version(),
-            "sizes": list(net.sizes),
-            "activations": list(net.activations),
-            "dtype": str(net.dtype),
-        }
-    elif isinstance(net, Sequential):
+    if isinstance(net, Sequential):
         validate_sequential(net)
         description = describe_network(net)
         leaves, treedef = jax.tree_util.tree_flatten_with_path(net)
@@ -262,7 +242,7 @@ def save_checkpoint(
             "param_leaves": [_shape_dtype(arrays[f"params/{i}"]) for i in range(len(leaves))],
         }
     else:
-        raise TypeError(f"save_checkpoint: expected a purebp.Network or purebp.Sequential, got {type(net).__name__}")
+        raise TypeError(f"save_checkpoint: expected a purebp.Sequential, got {type(net).__name__}")
     opt_leaves, opt_treedef = jax.tree.flatten(opt_state)
     for i, leaf in enumerate(opt_leaves):
         arrays[f"opt/{i}"] = np.asarray(leaf)
@@ -335,13 +315,14 @@ def load_checkpoint(
     path: str | os.PathLike,
     *,
     opt_state_template: Any = None,
-    net_template: Network | Sequential | None = None,
+    net_template: Sequential | None = None,
 ) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint``; return a ``Checkpoint``.
 
-    The network is rebuilt from the file alone when it is a ``Network`` or a
-    ``Sequential`` of built-in layers (dense, residual, layer norm, dropout).
-    A network holding a layer of your own needs ``net_template`` (e.g. the
+    The network is rebuilt from the file alone when every layer's kind has a
+    row in ``purebp.layers.kinds`` (all built-in layers do), and from an old
+    MLP file (``purebp-checkpoint-1``) as a ``Sequential`` of ``Dense``.
+    A network holding another layer of your own needs ``net_template`` (e.g. the
     freshly initialised network) for its structure; with a template, for any
     network, the stored description, parameter paths, shapes, dtypes and tree
     structure must match the template's, and the first difference is named.
@@ -352,7 +333,7 @@ def load_checkpoint(
     path = os.fspath(path)
     if net_template is not None:
         describe_network(net_template)  # a TypeError for anything but a network, before the file is read
-        (validate_network if isinstance(net_template, Network) else validate_sequential)(net_template)
+        validate_sequential(net_template)
     arrays = _read(path)
     try:
         meta = json.loads(arrays.pop("meta").tobytes().decode("utf-8"))
@@ -365,15 +346,14 @@ def load_checkpoint(
         raise CheckpointError(f"{path} is not a purebp checkpoint of format {' or '.join(FORMATS)} (format {found!r})")
     try:
         if found == FORMAT_MLP:
+            net = _restore_network(path, arrays, meta)  # the MLP format of earlier versions, read into a Sequential
             if net_template is not None:
-                fields = ("sizes", "activations", "dtype")
-                _match_template(path, {"kind": "mlp"} | {name: meta[name] for name in fields}, net_template)
-            net = _restore_network(path, arrays, meta)
+                _match_template(path, describe_network(net), net_template)
         else:
             net = _restore_sequential(path, arrays, meta, net_template)
         opt_state = None
         if opt_state_template is not None:
-            opt_state = _restore_opt_state(path, arrays, meta, opt_state_template)
+            opt_state = _restore_opt_state(path, arrays, meta, opt_state_template, old_mlp=found == FORMAT_MLP)
         key = None
         if "key_data" in arrays:
             try:
@@ -386,13 +366,13 @@ def load_checkpoint(
     return Checkpoint(net=net, opt_state=opt_state, step=step, key=key, metadata=metadata)
 
 
-def _match_template(path: str, saved_description: dict, template: Network | Sequential) -> None:
+def _match_template(path: str, saved_description: dict, template: Sequential) -> None:
     difference = _first_difference(saved_description, describe_network(template), "")
     if difference is not None:
         raise CheckpointError(f"checkpoint {path} does not match net_template: {difference}")
 
 
-def _restore_network(path: str, arrays: dict[str, np.ndarray], meta: dict) -> Network:
+def _restore_network(path: str, arrays: dict[str, np.ndarray], meta: dict) -> Sequential:
     sizes, activations, dtype = meta["sizes"], tuple(meta["activations"]), _dtype(path, meta["dtype"])
     _needs_x64(path, dtype)
     layers = []
@@ -408,17 +388,18 @@ def _restore_network(path: str, arrays: dict[str, np.ndarray], meta: dict) -> Ne
                     f"checkpoint {path}: {entry} is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
                 )
             leaves[name] = jnp.asarray(array)
-        layers.append(Layer(**leaves))
-    net = Network(layers=tuple(layers), activations=activations)
+        layers.append(_Dense(leaves["w"], leaves["b"], activations[l] if l < len(activations) else "identity"))
+    net = Sequential(layers=tuple(layers), input_shape=(int(sizes[0]),))
     try:
-        validate_network(net)
+        validate_architecture(sizes, activations)
+        validate_sequential(net)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path} holds an invalid network: {error}") from error
     return net
 
 
 def _restore_sequential(
-    path: str, arrays: dict[str, np.ndarray], meta: dict, template: Network | Sequential | None
+    path: str, arrays: dict[str, np.ndarray], meta: dict, template: Sequential | None
 ) -> Sequential:
     description, paths, leaf_specs = meta["network"], meta["param_paths"], meta["param_leaves"]
     if template is not None:
@@ -478,9 +459,15 @@ def _restore_sequential(
     return net
 
 
-def _restore_opt_state(path: str, arrays: dict[str, np.ndarray], meta: dict, template: Any) -> Any:
+def _restore_opt_state(path: str, arrays: dict[str, np.ndarray], meta: dict, template: Any, old_mlp: bool) -> Any:
     leaves, treedef = jax.tree.flatten(template)
-    if str(treedef) != meta["opt_treedef"]:
+    if old_mlp:  # its structure names the old Network type, which no template has now: match leaf by leaf
+        if len(leaves) != len(meta["opt_leaves"]):
+            raise CheckpointError(
+                f"checkpoint {path}: its optimizer state has {len(meta['opt_leaves'])} leaves but the optimizer "
+                f"given has {len(leaves)} (a different optimizer or network?)"
+            )
+    elif str(treedef) != meta["opt_treedef"]:
         raise CheckpointError(
             f"checkpoint {path}: its optimizer state has structure\n  {meta['opt_treedef']}\n"
             f"but the optimizer given has\n  {treedef}\n(a different optimizer or network?)"

@@ -41,7 +41,7 @@ from purebp import losses as _losses
 from purebp import programs
 from purebp.extras import rules as _rules
 from purebp.layers import Dropout
-from purebp.network import AnyNetwork, Network, Sequential, validate_network, validate_sequential
+from purebp.network import AnyNetwork, Sequential, is_mlp, validate_sequential
 from purebp.train import precision as _precision
 
 Array = jax.Array
@@ -79,7 +79,7 @@ class DivergenceError(FloatingPointError):
     completed before the divergence.
     """
 
-    def __init__(self, message: str, *, net: Network, opt_state: Any, step: int, epoch: int, history: dict):
+    def __init__(self, message: str, *, net: Sequential, opt_state: Any, step: int, epoch: int, history: dict):
         super().__init__(message)
         self.net, self.opt_state, self.step, self.epoch, self.history = net, opt_state, step, epoch, history
 
@@ -217,9 +217,9 @@ class EpochState(NamedTuple):
     which every step is skipped.
     """
 
-    net: Network
+    net: Sequential
     opt_state: Any
-    previous_net: Network
+    previous_net: Sequential
     previous_opt_state: Any
     bad_step: Array
 
@@ -391,7 +391,7 @@ def _guarded_scan(
     return jax.lax.scan(body, state, (steps, (scanned, step_keys)))
 
 
-def initial_state(net: Network, opt_state: Any) -> EpochState:
+def initial_state(net: Sequential, opt_state: Any) -> EpochState:
     """Return the ``EpochState`` that starts training at (net, opt_state)."""
     return EpochState(net, opt_state, net, opt_state, jnp.asarray(-1, dtype=jnp.int32))
 
@@ -411,7 +411,7 @@ def _evaluate_jit(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str
 
 
 def evaluate(
-    net: Network, x: Array, y: Array, *, loss: str, reduction: str = "mean", accuracy: bool | None = None
+    net: Sequential, x: Array, y: Array, *, loss: str, reduction: str = "mean", accuracy: bool | None = None
 ) -> dict[str, float]:
     """Return {"loss": L, "accuracy": fraction of argmax outputs equal to the labels} on (x, y).
 
@@ -583,7 +583,7 @@ class _Run:
 
 
 def fit(
-    net: Network,
+    net: Sequential,
     train: tuple[Array, Array],
     *,
     loss: str,
@@ -608,7 +608,7 @@ def fit(
     compute_dtype: str | None = None,
     rule: _rules.Rule | None = None,
     log_alignment: bool = False,
-) -> tuple[Network, dict[str, list]]:
+) -> tuple[Sequential, dict[str, list]]:
     """Train ``net`` on ``train = (x, y)``; return (trained net, history). ``net`` is not modified.
 
     - ``optimizer``: any optax ``GradientTransformation``; default
@@ -719,10 +719,7 @@ def _validate_fit(
     checkpoint, checkpoint_every, resume, callback, mesh, stop, log, compute_dtype, rule=None, log_alignment=False,
 ) -> _Run:  # fmt: skip
     """Check every argument of ``fit`` (and the data's values) before anything compiles; return a ``_Run``."""
-    if isinstance(net, Sequential):
-        validate_sequential(net)
-    else:
-        validate_network(net)
+    validate_sequential(net)
     x, y = _split_pair("train", train)
     x, y = _inputs.coerce_inputs(net, x, y)
     _inputs.check_finite("the training data", x=x, y=y)  # first: a NaN label is not a bad label
@@ -800,14 +797,12 @@ def _validate_fit(
 
 def has_dropout(net: AnyNetwork) -> bool:
     """True if ``net`` holds a ``Dropout`` layer with a nonzero rate (at any depth)."""
-    if isinstance(net, Network):
-        return False
     leaves = jax.tree.leaves(net, is_leaf=lambda node: isinstance(node, Dropout))
     return any(isinstance(leaf, Dropout) and leaf.rate > 0 for leaf in leaves)
 
 
 def _architecture(net: AnyNetwork) -> dict:
-    if isinstance(net, Network):
+    if is_mlp(net):  # the run description of earlier versions: an old checkpoint still resumes
         return {"sizes": list(net.sizes), "activations": list(net.activations)}
     from purebp.train import checkpoint as _checkpoint
 
@@ -861,7 +856,7 @@ def _restore(run: _Run, config: dict, opt_state: Any, net: AnyNetwork) -> tuple[
         run.log(f"no checkpoint at {run.checkpoint}: starting fresh")
         return None
     # a Sequential may hold layers of the user's own, which only the network given to fit can rebuild
-    template = None if isinstance(net, Network) else net
+    template = net
     saved = _checkpoint.load_checkpoint(run.checkpoint, net_template=template)  # settings first: they name what differs
     _check_resumable(saved, config, run)
     restored = _checkpoint.load_checkpoint(run.checkpoint, opt_state_template=opt_state, net_template=template)
@@ -926,7 +921,7 @@ def _verify(run: _Run, net: AnyNetwork) -> None:
     )
 
 
-def _train(run: _Run, net: Network, opt_state: Any, start: int, history: dict, config: dict):
+def _train(run: _Run, net: Sequential, opt_state: Any, start: int, history: dict, config: dict):
     """Run the schedule from global step ``start``: one compiled scan per (part of an) epoch."""
     schedule = run.schedule
     started = time.perf_counter()

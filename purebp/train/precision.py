@@ -53,20 +53,20 @@ import numpy as np
 
 from purebp import engine as _engine
 from purebp import inputs as _inputs
-from purebp.network import AnyNetwork, Network, Sequential, supported_dtype
+from purebp.network import AnyNetwork, Sequential, supported_dtype
 
 Array = jax.Array
 GradientFunction = Callable[..., tuple[Array, AnyNetwork]]
 
 
-def cast_network(net: Network, dtype: object) -> Network:
+def cast_network(net: Sequential, dtype: object) -> Sequential:
     """Return ``net`` with every parameter leaf cast to ``dtype`` (float16, bfloat16, float32 or float64).
 
     Rounds to nearest; casting up (bfloat16 -> float32 -> float64) is exact.
     Pure and jittable; the activations and tree structure are unchanged.
     """
-    if not isinstance(net, (Network, Sequential)):
-        raise TypeError(f"expected a purebp.Network or purebp.Sequential, got {type(net).__name__}")
+    if not isinstance(net, Sequential):
+        raise TypeError(f"expected a purebp.Sequential, got {type(net).__name__}")
     dtype = supported_dtype(dtype)
     return jax.tree.map(lambda leaf: leaf.astype(dtype), net)
 
