@@ -377,7 +377,9 @@ def _with_reference(leaves, net, x, y, loss, reduction, key, grads_h, grads_g, f
 
 # ---------------------------------------------------------------- one layer's backward vs autodiff of its forward
 
-BUILTIN_LAYERS = (_layers.Dense, _layers.Residual, _layers.LayerNorm, _layers.Dropout)
+# purebp's own layer kinds, from the table of layer kinds (their backward rules are proven by purebp's tests);
+# check_layers_of checks every other layer, a user's registered kind included
+BUILTIN_LAYERS = _layers.kinds.builtin_types()
 INPUT_GRADIENT = "the input gradient dC/da"
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 
 import jax
@@ -27,7 +28,7 @@ import numpy as np
 from purebp import activations as _activations
 from purebp import losses as _losses
 from purebp.check import GradientReport, check_gradients
-from purebp.layers import AvgPool1d, Conv1d, Dense, Dropout, Flatten, LayerNorm, MaxPool1d, Residual
+from purebp.layers import kinds as _kinds
 from purebp.network import AnyNetwork, Sequential, dense_stack, validate_sequential
 
 HIDDEN_ACTIVATIONS = tuple(name for name in _activations.BUILTIN_NAMES if name != "softmax")
@@ -195,7 +196,7 @@ def assert_gradients_match(
 ) -> GradientReport:
     """Assert that purebp's hand-written gradient equals jax.grad's; return the report.
 
-    Works on an ``init_mlp`` ``Network`` and on any ``Sequential``; ``key``
+    Works on any ``Sequential`` (``init_mlp``'s and ``init_network``'s); ``key``
     draws the dropout masks (the same for both passes). On failure, the
     AssertionError carries the per-leaf table (max abs error, relative error,
     first failing layer) of ``check_gradients``.
@@ -218,11 +219,12 @@ def assert_case_matches(case: Case | StackCase, *, tolerance: float | None = Non
 
 # ---------------------------------------------------------------- random stacks over every layer kind
 
-# A layer description is a plain tuple: ("dense", n_out, activation), ("residual", (description, ...)),
-# ("layer_norm",), ("dropout", rate), ("conv1d", channels, kernel, stride, padding, activation),
-# ("max_pool1d", kernel, stride), ("avg_pool1d", kernel, stride) or ("flatten",). A StackSpec holds a tuple of
-# them: its repr is a line that replays it.
-LAYER_KINDS = ("dense", "residual", "layer_norm", "dropout", "conv1d", "max_pool1d", "avg_pool1d", "flatten")
+# A layer description is a plain tuple, the kind's name first: ("dense", n_out, activation), ("residual",
+# (description, ...)), ("layer_norm",), ("dropout", rate), ("conv1d", channels, kernel, stride, padding,
+# activation), ("max_pool1d", kernel, stride), ("avg_pool1d", kernel, stride), ("flatten",), or any kind registered
+# in the table of layer kinds (purebp.layers.kinds), whose row validates, draws and notates it. A StackSpec holds a
+# tuple of them: its repr is a line that replays it.
+LAYER_KINDS = tuple(kind.name for kind in _kinds.all_kinds() if kind.builtin)  # purebp's own, at import
 CONV_KINDS = ("conv1d", "max_pool1d", "avg_pool1d")
 DROPOUT_RATES = (0.5, 0.1, 0.25)
 # over 2 features the normalised vector is +-(1, -1) whatever the input: the gradient through it is
@@ -236,107 +238,72 @@ LAYER_NORM_MIN_WIDTH = 3
 FLOAT32_MIN_HIDDEN_WIDTH = 3
 # the costs that see a network ending in a layer other than dense as an identity output (logits or values)
 IDENTITY_OUTPUT_LOSSES = ("mse", "softmax_cross_entropy")
-# StackSpec.notation's activation letters: d5t is dense(5, "tanh"); d3 (no letter) is the identity
-ACTIVATION_CODES = {
-    "identity": "",
-    "sigmoid": "s",
-    "tanh": "t",
-    "relu": "r",
-    "leaky_relu": "lr",
-    "elu": "e",
-    "softplus": "sp",
-    "gelu": "g",
-    "softmax": "sm",
-}
-NOTATION_HELP = (
-    "in4 = 4 inputs; d5t = dense(5, tanh), activation letters: (none) identity, s sigmoid, t tanh, r relu, "
-    "lr leaky_relu, e elu, sp softplus, g gelu, sm softmax; r(...) = residual a + F(a), its body inside; "
-    "ln = layer_norm; do.25 = dropout(0.25); in2x9 = 2 channels of length 9; c3k5s2p1r = conv1d(3, kernel 5, "
-    "stride 2, padding 1, relu); mp2s1 / ap2s1 = max / avg pool (kernel 2, stride 1); fl = flatten; > = then"
-)
+ACTIVATION_CODES = _kinds.ACTIVATION_CODES  # StackSpec.notation's activation letters: d5t is dense(5, "tanh")
 
 
-def _positive_ints(values: Sequence[object], least: Sequence[int]) -> bool:
-    return all(
-        not isinstance(value, bool) and isinstance(value, int) and value >= low for value, low in zip(values, least)
-    )
+def _notation_help() -> str:
+    return "; ".join(["in4 = 4 inputs", *(kind.help for kind in _kinds.all_kinds()), "> = then"])
+
+
+NOTATION_HELP = _notation_help()
+
+
+def _kind(description: object, where: str) -> _kinds.Kind:
+    kind = _kinds.kind_named(description[0]) if isinstance(description, tuple) and description else None
+    if kind is None:
+        forms = ", ".join(kind.form for kind in _kinds.all_kinds())
+        raise ValueError(f"{where}: expected a layer description (one of {forms}), got {description!r}")
+    return kind
 
 
 def _check_description(description: object, where: str) -> None:
-    """Raise ValueError naming the bad description if it is not one of the four forms."""
-    forms = (
-        "('dense', n_out, activation), ('residual', (...)), ('layer_norm',), ('dropout', rate), "
-        "('conv1d', channels, kernel, stride, padding, activation), ('max_pool1d', kernel, stride), "
-        "('avg_pool1d', kernel, stride) or ('flatten',)"
-    )
-    if not isinstance(description, tuple) or not description or description[0] not in LAYER_KINDS:
-        raise ValueError(f"{where}: expected a layer description {forms}, got {description!r}")
-    kind, arguments = description[0], description[1:]
-    if kind == "dense":
-        if (
-            len(arguments) != 2
-            or isinstance(arguments[0], bool)
-            or not isinstance(arguments[0], int)
-            or arguments[0] < 1
-            or not isinstance(arguments[1], str)
-        ):
-            raise ValueError(f"{where}: expected ('dense', n_out >= 1, activation name), got {description!r}")
-        _activations.get(arguments[1])
-    elif kind == "residual":
-        if len(arguments) != 1 or not isinstance(arguments[0], tuple) or not arguments[0]:
-            raise ValueError(f"{where}: expected ('residual', (body description, ...)), got {description!r}")
-        for index, inner in enumerate(arguments[0]):
-            _check_description(inner, f"{where} body[{index}]")
-    elif kind in ("layer_norm", "flatten"):
-        if arguments:
-            raise ValueError(f"{where}: expected ('{kind}',), got {description!r}")
-    elif kind == "conv1d":
-        if len(arguments) != 5 or not _positive_ints(arguments[:4], (1, 1, 1, 0)) or not isinstance(arguments[4], str):
-            raise ValueError(
-                f"{where}: expected ('conv1d', channels >= 1, kernel >= 1, stride >= 1, padding >= 0, activation), "
-                f"got {description!r}"
-            )
-        _activations.get(arguments[4])
-    elif kind in ("max_pool1d", "avg_pool1d"):
-        if len(arguments) != 2 or not _positive_ints(arguments, (1, 1)):
-            raise ValueError(f"{where}: expected ('{kind}', kernel >= 1, stride >= 1), got {description!r}")
-    elif len(arguments) != 1 or isinstance(arguments[0], bool) or not 0.0 <= arguments[0] < 1.0:
-        raise ValueError(f"{where}: expected ('dropout', rate in [0, 1)), got {description!r}")
+    """Raise ValueError naming the bad description if it does not have its kind's form."""
+    _kind(description, where).validate(description, where, _check_description)
 
 
 def _notation(description: tuple) -> str:
-    kind = description[0]
-    if kind == "dense":
-        _, n_out, activation = description
-        return f"d{n_out}{ACTIVATION_CODES.get(activation, f'[{activation}]')}"
-    if kind == "residual":
-        return "r(" + ",".join(_notation(inner) for inner in description[1]) + ")"
-    if kind == "layer_norm":
-        return "ln"
-    if kind == "flatten":
-        return "fl"
-    if kind == "conv1d":
-        _, channels, kernel, stride, padding, activation = description
-        return f"c{channels}k{kernel}s{stride}p{padding}{ACTIVATION_CODES.get(activation, f'[{activation}]')}"
-    if kind in ("max_pool1d", "avg_pool1d"):
-        return f"{kind[0]}p{description[1]}s{description[2]}"
-    rate = f"{description[1]:g}"
-    return "do" + (rate[1:] if rate.startswith("0.") else rate)
+    return _kind(description, "layer").notation(description, _notation)
 
 
 def _shape_after(description: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The per-example shape after one layer: (width,) for flat features, (channels, length) for conv inputs."""
-    kind = description[0]
-    if kind == "dense":
-        return (description[1],)
-    if kind == "conv1d":
-        _, channels, kernel, stride, padding, _ = description
-        return (channels, (shape[-1] + 2 * padding - kernel) // stride + 1)
-    if kind in ("max_pool1d", "avg_pool1d"):
-        return (shape[0], (shape[-1] - description[1]) // description[2] + 1)
-    if kind == "flatten":
-        return (int(np.prod(shape)),)
-    return shape
+    return _kind(description, "layer").shape_after(description, shape)
+
+
+def _split_top(text: str, separator: str) -> list[str]:
+    """``text`` split at ``separator`` outside parentheses."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == separator and depth == 0:
+            parts.append(text[start:index])
+            start = index + 1
+    return parts + [text[start:]]
+
+
+def _parse_layers(text: str) -> tuple:
+    """Layer descriptions from their notation, ``,``- or ``>``-separated (a residual body uses ``,``)."""
+    descriptions = []
+    for part in (piece for chunk in _split_top(text, ">") for piece in _split_top(chunk, ",")):
+        found = [d for kind in _kinds.all_kinds() if (d := kind.parse(part, _parse_layers)) is not None]
+        if len(found) != 1:
+            raise ValueError(f"notation {part!r}: {'no' if not found else 'more than one'} layer kind reads it")
+        descriptions.append(found[0])
+    return tuple(descriptions)
+
+
+def parse_notation(text: str) -> tuple[tuple[int, ...], tuple]:
+    """``(input_shape, layers)`` from ``StackSpec.notation``'s line, e.g. ``in4>d5t>r(d5r,ln)>d3``.
+
+    The inverse of the notation: ``parse_notation(spec.notation) == (spec.input_shape, spec.layers)``
+    (dropout rates as printed, ``%g``). Raises ValueError on text no layer kind reads.
+    """
+    first, _, rest = text.partition(">")
+    match = re.fullmatch(r"in(\d+)(?:x(\d+))?", first)
+    if match is None or not rest:
+        raise ValueError(f"notation {text!r}: expected in<width>[x<length>]><layer>>..., see NOTATION_HELP")
+    shape = (int(match[1]),) if match[2] is None else (int(match[1]), int(match[2]))
+    return shape, _parse_layers(rest)
 
 
 def _contains(descriptions: Sequence[tuple], kind: str) -> bool:
@@ -417,9 +384,11 @@ class StackCase:
         return f"StackCase(make_stack_case({self.spec!r}))"
 
 
-def _array(values: np.ndarray, dtype: np.dtype) -> jax.Array:
-    # cast on the host: jnp.asarray(float64 values, dtype=float32) would compile a conversion per shape
-    return jnp.asarray(np.asarray(values, dtype=dtype))
+_array = _kinds.host_array
+
+
+def _draw_inner(rng: np.random.Generator, dtype):
+    return lambda descriptions, shape, scale: _build_layers(descriptions, shape, rng, dtype, scale)
 
 
 def _build_layers(
@@ -428,37 +397,9 @@ def _build_layers(
     """Initialised layers for ``descriptions`` on per-example inputs of ``shape``, drawn in order from ``rng``."""
     layers = []
     for description in descriptions:
-        kind = description[0]
-        width = shape[-1]
-        if kind == "conv1d":
-            _, channels, kernel, stride, padding, activation = description
-            fan_in = shape[0] * kernel
-            w = scale * rng.standard_normal((channels, shape[0], kernel)) / np.sqrt(fan_in)
-            b = 0.5 * rng.standard_normal(channels)
-            layers.append(Conv1d(_array(w, dtype), _array(b, dtype), stride, padding, activation))
-        elif kind == "max_pool1d":
-            layers.append(MaxPool1d(description[1], description[2]))
-        elif kind == "avg_pool1d":
-            layers.append(AvgPool1d(description[1], description[2]))
-        elif kind == "flatten":
-            layers.append(Flatten())
-        elif kind == "dense":
-            n_out, activation = description[1], description[2]
-            w = scale * rng.standard_normal((n_out, width)) / np.sqrt(width)
-            b = 0.5 * rng.standard_normal(n_out)
-            layers.append(Dense(_array(w, dtype), _array(b, dtype), activation))
-        elif kind == "residual":
-            # a + F(a) adds the body's variance to the input's: a body scaled by 1/sqrt(2) keeps deep
-            # stacks of blocks out of sigmoid/tanh saturation
-            body = _build_layers(description[1], shape, rng, dtype, scale / np.sqrt(2.0))
-            layers.append(Residual(tuple(body)))
-        elif kind == "layer_norm":
-            layer_scale = 1.0 + 0.25 * rng.standard_normal(width)  # not 1 and 0: exercise both parameter paths
-            offset = 0.25 * rng.standard_normal(width)
-            layers.append(LayerNorm(_array(layer_scale, dtype), _array(offset, dtype)))
-        else:
-            layers.append(Dropout(float(description[1])))
-        shape = _shape_after(description, shape)
+        kind = _kind(description, "layer")
+        layers.append(kind.draw(description, shape, rng, dtype, scale, _draw_inner(rng, dtype)))
+        shape = kind.shape_after(description, shape)
     return layers
 
 

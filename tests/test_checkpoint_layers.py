@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import purebp as pb
-from purebp.network import Layer, Network
+from purebp.network import dense_stack, is_mlp
 from purebp.train.checkpoint import FORMAT_MLP, FORMAT_SEQUENTIAL, CheckpointError, describe_network
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "identity", "gelu", "elu")
@@ -45,16 +45,39 @@ def _perturbed(net, seed):
 
 
 def _mlp(sizes, activations, dtype="float64", seed=0):
-    """A Network with seeded random parameters drawn by NumPy (init_mlp would compile one program per architecture)."""
+    """An MLP (a Sequential of Dense, as init_mlp makes) with seeded random parameters drawn by NumPy (init_mlp
+    would compile one program per architecture)."""
     rng = np.random.default_rng(seed)
-    layers = [
-        Layer(
-            w=jnp.asarray(rng.normal(size=(n_out, n_in)).astype(dtype)),
-            b=jnp.asarray(rng.normal(size=n_out).astype(dtype)),
-        )
-        for n_in, n_out in itertools.pairwise(sizes)
-    ]
-    return Network(layers=tuple(layers), activations=tuple(activations))
+    weights, biases = [], []
+    for n_in, n_out in itertools.pairwise(sizes):
+        weights.append(jnp.asarray(rng.normal(size=(n_out, n_in)).astype(dtype)))
+        biases.append(jnp.asarray(rng.normal(size=n_out).astype(dtype)))
+    return dense_stack(weights, biases, tuple(activations))
+
+
+def _write_mlp_format(path, net, opt_state=None, step=0, metadata=None):
+    """Write ``net`` (an MLP) in the MLP layout of earlier versions, purebp-checkpoint-1, field by field."""
+    arrays = {}
+    for l, layer in enumerate(net.layers):
+        arrays[f"net/{l}/w"], arrays[f"net/{l}/b"] = np.asarray(layer.w), np.asarray(layer.b)
+    opt_leaves, opt_treedef = jax.tree.flatten(opt_state)
+    for i, leaf in enumerate(opt_leaves):
+        arrays[f"opt/{i}"] = np.asarray(leaf)
+    meta = {
+        "format": FORMAT_MLP,
+        "purebp_version": "0.1.0",
+        "sizes": [int(net.layers[0].w.shape[1])] + [int(layer.w.shape[0]) for layer in net.layers],
+        "activations": [layer.activation for layer in net.layers],
+        "dtype": str(np.asarray(net.layers[0].w).dtype),
+        "step": step,
+        "key_impl": None,
+        "opt_treedef": str(opt_treedef).replace("Sequential", "Network"),  # an old file names the old type
+        "opt_leaves": [[list(np.shape(leaf)), str(np.asarray(leaf).dtype)] for leaf in opt_leaves],
+        "metadata": metadata or {},
+    }
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    with open(path, "wb") as file:
+        np.savez(file, **arrays)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -128,22 +151,31 @@ def test_random_sequential_round_trip_is_bit_identical(tmp_path_factory, case):
     dtype=st.sampled_from(["float32", "float64"]),
     seed=st.integers(0, 2**16),
 )
-def test_random_mlp_round_trip_is_bit_identical_and_keeps_the_mlp_layout(tmp_path_factory, sizes, data, dtype, seed):
+def test_random_mlp_round_trip_is_bit_identical_in_the_one_layout_and_from_the_old_one(
+    tmp_path_factory, sizes, data, dtype, seed
+):
     activations = tuple(data.draw(st.sampled_from(ACTIVATIONS)) for _ in sizes[1:])
     net = _mlp(sizes, activations, dtype, seed)
-    path = tmp_path_factory.mktemp("ckpt") / "mlp.ckpt"
+    folder = tmp_path_factory.mktemp("ckpt")
+    path, old = folder / "mlp.ckpt", folder / "old.ckpt"
     pb.save_checkpoint(path, net, step=4)
-    restored = pb.load_checkpoint(path)
-    _assert_identical(restored.net, net)
-    assert isinstance(restored.net, Network) and restored.net.activations == activations
-    _assert_identical(pb.load_checkpoint(path, net_template=net).net, net)
-    with np.load(path) as archive:  # the layout older purebp versions read
+    _write_mlp_format(old, net, step=4)  # the MLP layout earlier versions wrote
+    for written in (path, old):
+        restored = pb.load_checkpoint(written)
+        _assert_identical(restored.net, net)
+        assert is_mlp(restored.net) and restored.net.activations == activations and restored.step == 4
+        _assert_identical(pb.load_checkpoint(written, net_template=net).net, net)
+    with np.load(path) as archive:  # one layout is written, for MLPs too
         meta = json.loads(archive["meta"].tobytes())
-        assert meta["format"] == FORMAT_MLP == "purebp-checkpoint-1"
-        assert sorted(archive.files) == sorted(
-            ["meta"] + [f"net/{l}/{n}" for l in range(len(activations)) for n in "wb"]
-        )
-        assert meta["sizes"] == list(sizes) and meta["activations"] == list(activations) and meta["dtype"] == dtype
+        assert meta["format"] == FORMAT_SEQUENTIAL == "purebp-checkpoint-2"
+        assert sorted(archive.files) == sorted(["meta"] + [f"params/{i}" for i in range(2 * len(activations))])
+        described = meta["network"]
+        assert described["input_shape"] == [sizes[0]] and described["dtype"] == dtype
+        assert [(layer["kind"], layer["n_out"], layer["activation"]) for layer in described["layers"]] == [
+            ("dense", n_out, name) for n_out, name in zip(sizes[1:], activations)
+        ]
+    with np.load(old) as archive:
+        assert json.loads(archive["meta"].tobytes())["format"] == FORMAT_MLP == "purebp-checkpoint-1"
 
 
 def _example_stack(dtype="float64", eps=1e-5, width=6, activation="relu", rate=0.25):
@@ -287,7 +319,7 @@ def test_custom_layers_are_described_by_type_structure_and_shapes():
         (lambda: _example_stack(dtype="float32"), r"dtype: 'float64' in the checkpoint, 'float32' in net_template"),
         (
             lambda: _mlp((4, 6, 3), ("relu", "identity"), "float64"),
-            r"kind: 'sequential' in the checkpoint, 'mlp' in net_template",
+            r"layers\[1\]\.kind: 'residual' in the checkpoint, 'dense' in net_template",
         ),
         (
             lambda: pb.init_network(jax.random.key(0), (4,), [pb.dense(6, "relu")], dtype="float64"),
@@ -325,14 +357,20 @@ def test_a_mismatched_mlp_template_is_refused_naming_the_difference(tmp_path):
     path = tmp_path / "mlp.ckpt"
     pb.save_checkpoint(path, net)
     cases = [
-        (_mlp((5, 8, 3), ("tanh", "identity"), "float64"), r"sizes\[1\]: 7 in the"),
-        (_mlp((5, 7, 3), ("relu", "identity"), "float64"), r"activations\[0\]: 'tanh'"),
-        (pb.init_network(jax.random.key(0), (5,), [pb.dense(7, "tanh"), pb.dense(3)]), "kind: 'mlp' in the checkpoint"),
+        (_mlp((5, 8, 3), ("tanh", "identity"), "float64"), r"layers\[0\]\.n_out: 7 in the checkpoint, 8 in"),
+        (_mlp((5, 7, 3), ("relu", "identity"), "float64"), r"layers\[0\]\.activation: 'tanh' in the checkpoint"),
+        (
+            pb.init_network(jax.random.key(0), (5,), [pb.dense(7, "tanh"), pb.dense(3)], dtype="float32"),
+            "dtype: 'float64' in the checkpoint, 'float32' in net_template",
+        ),
     ]
     for template, message in cases:
         with pytest.raises(CheckpointError, match="does not match net_template: " + message):
             pb.load_checkpoint(path, net_template=template)
-    with pytest.raises(TypeError, match="expected a purebp.Network or purebp.Sequential, got dict"):
+    # an MLP is a Sequential: init_network's stack of the same dense layers is the same network
+    same = pb.init_network(jax.random.key(0), (5,), [pb.dense(7, "tanh"), pb.dense(3)], dtype="float64")
+    _assert_identical(pb.load_checkpoint(path, net_template=same).net, net)
+    with pytest.raises(TypeError, match="expected a purebp.Sequential, got dict"):
         pb.load_checkpoint(path, net_template={"w": net.layers[0].w})
 
 
@@ -377,8 +415,8 @@ def _old_network(dtype):
     for n_in, n_out in ((3, 4), (4, 2)):
         w = (np.arange(n_out * n_in, dtype=np.float64).reshape(n_out, n_in) - 5.0) / 7.0
         b = np.arange(n_out, dtype=np.float64) / 3.0
-        layers.append(Layer(w=jnp.asarray(w, dtype=dtype), b=jnp.asarray(b, dtype=dtype)))
-    return Network(layers=tuple(layers), activations=("tanh", "identity"))
+        layers.append((jnp.asarray(w, dtype=dtype), jnp.asarray(b, dtype=dtype)))
+    return dense_stack([w for w, _ in layers], [b for _, b in layers], ("tanh", "identity"))
 
 
 def _write_old(tmp_path, packed):
@@ -403,8 +441,13 @@ def test_an_old_format_mlp_checkpoint_still_loads(tmp_path):
     )
     _assert_identical(pb.load_checkpoint(path, net_template=expected).net, expected)
     other = _mlp((3, 5, 2), ("tanh", "identity"), "float64")
-    with pytest.raises(CheckpointError, match=r"sizes\[1\]: 4 in the checkpoint, 5 in net_template"):
+    with pytest.raises(CheckpointError, match=r"layers\[0\]\.n_out: 4 in the checkpoint, 5 in net_template"):
         pb.load_checkpoint(path, net_template=other)
+    # its stored optimizer structure names the old Network type: the template is matched leaf by leaf
+    with pytest.raises(CheckpointError, match="its optimizer state has 5 leaves but the optimizer given has 1"):
+        pb.load_checkpoint(path, opt_state_template={"count": jnp.zeros((), jnp.int32)})
+    with pytest.raises(CheckpointError, match=r"optimizer leaf 1 is float64\[4, 3\], expected float64\[5, 3\]"):
+        pb.load_checkpoint(path, opt_state_template={"count": jnp.zeros((), jnp.int32), "trace": other})
 
 
 def test_an_old_bfloat16_checkpoint_loads_now(tmp_path):
@@ -527,6 +570,6 @@ def test_networks_a_checkpoint_cannot_describe_are_refused_before_writing(tmp_pa
     as_list = dataclasses.replace(net, layers=list(net.layers))
     with pytest.raises(TypeError, match="layers is a list; a checkpoint needs a tuple of layers"):
         describe_network(as_list)
-    with pytest.raises(TypeError, match="expected a purebp.Network or purebp.Sequential, got dict"):
+    with pytest.raises(TypeError, match="expected a purebp.Sequential, got dict"):
         pb.save_checkpoint(tmp_path / "dict.ckpt", {"w": jnp.zeros(3)})
     assert os.listdir(tmp_path) == []

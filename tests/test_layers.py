@@ -17,6 +17,7 @@ import pytest
 import purebp as pb
 from purebp import engine as backprop
 from purebp.layers import example_keys, layer_keys
+from purebp.network import is_mlp
 
 F64 = jnp.float64
 
@@ -60,7 +61,9 @@ def test_a_dense_stack_starts_where_init_mlp_starts_and_gets_the_same_gradient_b
     loss_stack, grads_stack = pb.value_and_grad(stack, x, y, loss="softmax_cross_entropy")
     assert float(loss_mlp) == float(loss_stack)
     assert _same(grads_mlp, grads_stack)
-    assert isinstance(grads_mlp, pb.Network) and isinstance(grads_stack, pb.Sequential)
+    # one network type: the MLP's gradient is a Sequential of Dense, the MLP's own structure
+    assert is_mlp(grads_mlp) and jax.tree.structure(grads_mlp) == jax.tree.structure(mlp)
+    assert isinstance(grads_mlp, pb.Sequential) and isinstance(grads_stack, pb.Sequential)
     assert jax.tree.structure(grads_stack) == jax.tree.structure(stack)
 
 

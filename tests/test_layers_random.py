@@ -329,7 +329,7 @@ def collect_masks(layers, caches) -> list:
 @pytest.mark.parametrize("spec", HAND_SPECS[::2], ids=lambda spec: spec.notation)
 def test_the_adapter_draws_the_masks_the_engine_draws(spec):
     case = make_stack_case(spec)
-    forward = equivalence.fast_jit(pb.backprop.forward_layers)
+    forward = equivalence.fast_jit(pb.engine.forward_layers)
     _, caches = equivalence.compile_once(forward, case.net, case.x, case.key)(case.net, case.x, case.key)
     engine = collect_masks(case.net.layers, caches)
     plain = equivalence.plain_layers(case.net, spec.batch, case.key)

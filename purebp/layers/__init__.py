@@ -22,6 +22,11 @@ shape is known. Optional methods used where present: ``output_shape(shape)``
 (static shape check), ``per_example_grads(cache, grad_out)`` and
 ``per_example_squared_norms(cache, grad_out)`` (per-example gradients and
 their norms, for ``purebp.per_example_grads`` and DP-SGD).
+
+Every kind's file also registers its row in the table of layer kinds
+(``purebp.layers.kinds``: its checkpoint description, its notation and random
+draw for tests, the quantities it supports); checkpoints, ``purebp.testing``
+and ``purebp.check`` read that table. A new kind is one new file plus its row.
 """
 
 from purebp.layers.base import example_keys, layer_keys, per_example_squared_norms
@@ -29,6 +34,7 @@ from purebp.layers.conv import Conv1d, ConvCache, conv1d
 from purebp.layers.dense import Dense, DenseCache, dense
 from purebp.layers.dropout import Dropout, dropout
 from purebp.layers.flatten import Flatten, flatten
+from purebp.layers.kinds import Kind, all_kinds, kind_named, kind_of, register_kind
 from purebp.layers.layer_norm import LayerNorm, LayerNormCache, layer_norm
 from purebp.layers.pool import AvgPool1d, MaxPool1d, avg_pool1d, max_pool1d
 from purebp.layers.residual import Residual, residual
@@ -41,19 +47,24 @@ __all__ = [
     "DenseCache",
     "Dropout",
     "Flatten",
+    "Kind",
     "LayerNorm",
     "LayerNormCache",
     "MaxPool1d",
     "Residual",
+    "all_kinds",
     "avg_pool1d",
     "conv1d",
     "dense",
     "dropout",
     "example_keys",
     "flatten",
+    "kind_named",
+    "kind_of",
     "layer_keys",
     "layer_norm",
     "max_pool1d",
     "per_example_squared_norms",
+    "register_kind",
     "residual",
 ]

@@ -30,6 +30,7 @@ transposed form.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import NamedTuple
 
 import jax
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from purebp import activations as _activations
+from purebp.layers import kinds as _kinds
 from purebp.layers.dense import HE_ACTIVATIONS
 from purebp.layers.windows import output_length, overlap_add, windows
 
@@ -300,3 +302,70 @@ def conv1d(
         raise ValueError(f"conv1d: channels must be a positive int, got {channels!r}")
     check_conv_settings(kernel, stride, padding, activation)
     return Conv1dInit(int(channels), int(kernel), int(stride), int(padding), activation)
+
+
+# ---------------------------------------------------------------- its row in the table of layer kinds
+
+
+def _validate(description: tuple, where: str, validate_inner) -> None:
+    arguments = description[1:]
+    counts = _kinds.positive_ints(arguments[:4], (1, 1, 1, 0))
+    if len(arguments) != 5 or not counts or not isinstance(arguments[4], str):
+        raise _kinds.malformed(CONV1D_KIND, where, description)
+    _activations.get(arguments[4])
+
+
+def _notation(description: tuple, notate_inner) -> str:
+    _, channels, kernel, stride, padding, activation = description
+    return f"c{channels}k{kernel}s{stride}p{padding}{_kinds.activation_code(activation)}"
+
+
+def _parse(text: str, parse_inner) -> tuple | None:
+    match = re.fullmatch(r"c(\d+)k(\d+)s(\d+)p(\d+)(.*)", text)
+    activation = match and _kinds.activation_named(match[5])
+    return None if activation is None else ("conv1d", *(int(match[i]) for i in range(1, 5)), activation)
+
+
+def _shape_after(description: tuple, shape: tuple) -> tuple:
+    _, channels, kernel, stride, padding, _ = description
+    return (channels, (shape[-1] + 2 * padding - kernel) // stride + 1)
+
+
+def _draw(description: tuple, shape: tuple, rng: np.random.Generator, dtype, scale: float, draw_inner) -> Conv1d:
+    # W ~ N(0, scale^2 / (C_in K)), b ~ N(0, 1/4)
+    _, channels, kernel, stride, padding, activation = description
+    w = scale * rng.standard_normal((channels, shape[0], kernel)) / np.sqrt(shape[0] * kernel)
+    b = 0.5 * rng.standard_normal(channels)
+    return Conv1d(_kinds.host_array(w, dtype), _kinds.host_array(b, dtype), stride, padding, activation)
+
+
+def _describe(layer: Conv1d, where: str, describe_inner) -> dict:
+    return {
+        "activation": _kinds.static_field(layer, "activation", (str,), where),
+        "channels": int(np.shape(layer.w)[0]),
+        "kernel": int(np.shape(layer.w)[2]),
+        "stride": _kinds.static_field(layer, "stride", (int,), where),
+        "padding": _kinds.static_field(layer, "padding", (int,), where),
+    }
+
+
+CONV1D_KIND = _kinds.register_kind(
+    _kinds.Kind(
+        name="conv1d",
+        type=Conv1d,
+        describe=_describe,
+        rebuild=lambda fields, inner: Conv1d(
+            _kinds.LEAF, _kinds.LEAF, fields["stride"], fields["padding"], fields["activation"]
+        ),
+        form="('conv1d', channels >= 1, kernel >= 1, stride >= 1, padding >= 0, activation)",
+        validate=_validate,
+        shape_after=_shape_after,
+        draw=_draw,
+        notation=_notation,
+        parse=_parse,
+        help="in2x9 = 2 channels of length 9; c3k5s2p1r = conv1d(3, kernel 5, stride 2, padding 1, relu)",
+        example=(("conv1d", 2, 3, 2, 1, "tanh"), (2, 7)),
+        supports=frozenset({"per_example", "curvature", "diag_hessian", "kronecker"}),
+        builtin=True,
+    )
+)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import NamedTuple
 
 import jax
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from purebp import activations as _activations
+from purebp.layers import kinds as _kinds
 
 Array = jax.Array
 
@@ -192,3 +194,51 @@ def dense(n_out: int, activation: str = "identity") -> DenseInit:
         raise ValueError(f"dense: n_out must be a positive int, got {n_out!r}")
     _activations.get(activation)
     return DenseInit(int(n_out), activation)
+
+
+# ---------------------------------------------------------------- its row in the table of layer kinds
+
+
+def _validate(description: tuple, where: str, validate_inner) -> None:
+    arguments = description[1:]
+    if len(arguments) != 2 or not _kinds.positive_ints(arguments[:1], (1,)) or not isinstance(arguments[1], str):
+        raise _kinds.malformed(DENSE_KIND, where, description)
+    _activations.get(arguments[1])
+
+
+def _parse(text: str, parse_inner) -> tuple | None:
+    match = re.fullmatch(r"d(\d+)(.*)", text)
+    activation = match and _kinds.activation_named(match[2])
+    return None if activation is None else ("dense", int(match[1]), activation)
+
+
+def _draw(description: tuple, shape: tuple, rng: np.random.Generator, dtype, scale: float, draw_inner) -> Dense:
+    # W ~ N(0, scale^2 / n_in), b ~ N(0, 1/4): non-zero biases exercise the b-paths
+    _, n_out, activation = description
+    w = scale * rng.standard_normal((n_out, shape[-1])) / np.sqrt(shape[-1])
+    b = 0.5 * rng.standard_normal(n_out)
+    return Dense(_kinds.host_array(w, dtype), _kinds.host_array(b, dtype), activation)
+
+
+DENSE_KIND = _kinds.register_kind(
+    _kinds.Kind(
+        name="dense",
+        type=Dense,
+        describe=lambda layer, where, inner: {
+            "activation": _kinds.static_field(layer, "activation", (str,), where),
+            "n_out": int(np.shape(layer.w)[0]),
+        },
+        rebuild=lambda fields, inner: Dense(_kinds.LEAF, _kinds.LEAF, fields["activation"]),
+        form="('dense', n_out >= 1, activation name)",
+        validate=_validate,
+        shape_after=lambda description, shape: (description[1],),
+        draw=_draw,
+        notation=lambda description, inner: f"d{description[1]}{_kinds.activation_code(description[2])}",
+        parse=_parse,
+        help="d5t = dense(5, tanh), activation letters: (none) identity, s sigmoid, t tanh, r relu, lr leaky_relu, "
+        "e elu, sp softplus, g gelu, sm softmax",
+        example=(("dense", 3, "tanh"), (4,)),
+        supports=frozenset({"per_example", "curvature", "diag_hessian", "kronecker", "rules"}),
+        builtin=True,
+    )
+)

@@ -7,9 +7,12 @@ same mask: dC/da = dC/d(out) (.) m / (1 - rate). No parameters.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
+
+from purebp.layers import kinds as _kinds
 
 Array = jax.Array
 
@@ -62,3 +65,42 @@ def dropout(rate: float) -> DropoutInit:
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout: rate must be a number in [0, 1), got {rate!r}")
     return DropoutInit(float(rate))
+
+
+# ---------------------------------------------------------------- its row in the table of layer kinds
+
+
+def _validate(description: tuple, where: str, validate_inner) -> None:
+    arguments = description[1:]
+    if len(arguments) != 1 or isinstance(arguments[0], bool) or not 0.0 <= arguments[0] < 1.0:
+        raise _kinds.malformed(DROPOUT_KIND, where, description)
+
+
+def _notation(description: tuple, notate_inner) -> str:
+    rate = f"{description[1]:g}"
+    return "do" + (rate[1:] if rate.startswith("0.") else rate)  # do.25 is dropout(0.25)
+
+
+def _parse(text: str, parse_inner) -> tuple | None:
+    match = re.fullmatch(r"do(\.\d+|\d+(?:\.\d*)?(?:e-?\d+)?)", text)
+    return None if match is None else ("dropout", float(match[1]))
+
+
+DROPOUT_KIND = _kinds.register_kind(
+    _kinds.Kind(
+        name="dropout",
+        type=Dropout,
+        describe=lambda layer, where, inner: {"rate": _kinds.static_field(layer, "rate", (float, int), where)},
+        rebuild=lambda fields, inner: Dropout(fields["rate"]),
+        form="('dropout', rate in [0, 1))",
+        validate=_validate,
+        shape_after=lambda description, shape: shape,
+        draw=lambda description, shape, rng, dtype, scale, inner: Dropout(float(description[1])),
+        notation=_notation,
+        parse=_parse,
+        help="do.25 = dropout(0.25)",
+        example=(("dropout", 0.25), (5,)),
+        supports=frozenset({"per_example", "curvature", "diag_hessian", "kronecker", "rules"}),
+        builtin=True,
+    )
+)

@@ -11,6 +11,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from purebp.layers import kinds as _kinds
+
 Array = jax.Array
 
 
@@ -40,3 +42,31 @@ jax.tree_util.register_dataclass(Flatten)  # no leaves
 def flatten() -> Flatten:
     """Flatten each example to one feature axis, in row-major ((channel, position)) order."""
     return Flatten()
+
+
+# ---------------------------------------------------------------- its row in the table of layer kinds
+
+
+def _validate(description: tuple, where: str, validate_inner) -> None:
+    if len(description) != 1:
+        raise _kinds.malformed(FLATTEN_KIND, where, description)
+
+
+FLATTEN_KIND = _kinds.register_kind(
+    _kinds.Kind(
+        name="flatten",
+        type=Flatten,
+        describe=lambda layer, where, inner: {},
+        rebuild=lambda fields, inner: Flatten(),
+        form="('flatten',)",
+        validate=_validate,
+        shape_after=lambda description, shape: (math.prod(shape),),
+        draw=lambda description, shape, rng, dtype, scale, inner: Flatten(),
+        notation=lambda description, inner: "fl",
+        parse=lambda text, inner: ("flatten",) if text == "fl" else None,
+        help="fl = flatten",
+        example=(("flatten",), (2, 3)),
+        supports=frozenset({"per_example", "curvature", "diag_hessian", "kronecker"}),
+        builtin=True,
+    )
+)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from purebp.layers import kinds as _kinds
 from purebp.layers.base import along_last, sum_inner, sum_leading
 
 Array = jax.Array
@@ -104,3 +105,38 @@ def layer_norm(eps: float = 1e-5) -> LayerNormInit:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"layer_norm: eps must be a positive number, got {eps!r}")
     return LayerNormInit(float(eps))
+
+
+# ---------------------------------------------------------------- its row in the table of layer kinds
+
+
+def _validate(description: tuple, where: str, validate_inner) -> None:
+    if len(description) != 1:
+        raise _kinds.malformed(LAYER_NORM_KIND, where, description)
+
+
+def _draw(description: tuple, shape: tuple, rng: np.random.Generator, dtype, scale: float, draw_inner) -> LayerNorm:
+    # scale ~ N(1, 1/16), offset ~ N(0, 1/16): not 1 and 0, so that both parameter paths are exercised
+    layer_scale = 1.0 + 0.25 * rng.standard_normal(shape[-1])
+    offset = 0.25 * rng.standard_normal(shape[-1])
+    return LayerNorm(_kinds.host_array(layer_scale, dtype), _kinds.host_array(offset, dtype))
+
+
+LAYER_NORM_KIND = _kinds.register_kind(
+    _kinds.Kind(
+        name="layer_norm",
+        type=LayerNorm,
+        describe=lambda layer, where, inner: {"eps": _kinds.static_field(layer, "eps", (float, int), where)},
+        rebuild=lambda fields, inner: LayerNorm(_kinds.LEAF, _kinds.LEAF, fields["eps"]),
+        form="('layer_norm',)",
+        validate=_validate,
+        shape_after=lambda description, shape: shape,
+        draw=_draw,
+        notation=lambda description, inner: "ln",
+        parse=lambda text, inner: ("layer_norm",) if text == "ln" else None,
+        help="ln = layer_norm",
+        example=(("layer_norm",), (4,)),
+        supports=frozenset({"per_example", "curvature"}),
+        builtin=True,
+    )
+)

@@ -15,11 +15,13 @@ positions. ``stride=None`` means stride = kernel, as in PyTorch.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from purebp.layers import kinds as _kinds
 from purebp.layers.windows import output_length, overlap_add, windows
 
 Array = jax.Array
@@ -115,3 +117,41 @@ def avg_pool1d(kernel: int, stride: int | None = None) -> AvgPool1d:
     stride = kernel if stride is None else stride
     _check_pool("avg_pool1d", kernel, stride)
     return AvgPool1d(int(kernel), int(stride))
+
+
+# ---------------------------------------------------------------- their rows in the table of layer kinds
+
+
+def _pool_kind(name: str, layer_type: type, letter: str, what: str) -> _kinds.Kind:
+    def validate(description: tuple, where: str, validate_inner) -> None:
+        if not _kinds.positive_ints(description[1:], (1, 1)):
+            raise _kinds.malformed(row, where, description)
+
+    def parse(text: str, parse_inner) -> tuple | None:
+        match = re.fullmatch(letter + r"p(\d+)s(\d+)", text)
+        return None if match is None else (name, int(match[1]), int(match[2]))
+
+    row = _kinds.Kind(
+        name=name,
+        type=layer_type,
+        describe=lambda layer, where, inner: {
+            "kernel": _kinds.static_field(layer, "kernel", (int,), where),
+            "stride": _kinds.static_field(layer, "stride", (int,), where),
+        },
+        rebuild=lambda fields, inner: layer_type(kernel=fields["kernel"], stride=fields["stride"]),
+        form=f"('{name}', kernel >= 1, stride >= 1)",
+        validate=validate,
+        shape_after=lambda description, shape: (shape[0], (shape[-1] - description[1]) // description[2] + 1),
+        draw=lambda description, shape, rng, dtype, scale, inner: layer_type(description[1], description[2]),
+        notation=lambda description, inner: f"{letter}p{description[1]}s{description[2]}",
+        parse=parse,
+        help=f"{letter}p2s1 = {what} pool (kernel 2, stride 1)",
+        example=((name, 2, 1), (2, 5)),
+        supports=frozenset({"per_example", "curvature", "diag_hessian", "kronecker"}),
+        builtin=True,
+    )
+    return _kinds.register_kind(row)
+
+
+MAX_POOL1D_KIND = _pool_kind("max_pool1d", MaxPool1d, "m", "max")
+AVG_POOL1D_KIND = _pool_kind("avg_pool1d", AvgPool1d, "a", "avg")

@@ -11,6 +11,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from purebp.layers import kinds as _kinds
 from purebp.layers.base import layer_keys, per_example_squared_norms
 
 Array = jax.Array
@@ -103,3 +104,53 @@ def residual(*layers: object) -> ResidualInit:
     if not layers:
         raise ValueError("residual() needs at least one layer for its body F")
     return ResidualInit(tuple(layers))
+
+
+# ---------------------------------------------------------------- its row in the table of layer kinds
+
+
+def _validate(description: tuple, where: str, validate_inner) -> None:
+    arguments = description[1:]
+    if len(arguments) != 1 or not isinstance(arguments[0], tuple) or not arguments[0]:
+        raise _kinds.malformed(RESIDUAL_KIND, where, description)
+    for index, inner in enumerate(arguments[0]):
+        validate_inner(inner, f"{where} body[{index}]")
+
+
+def _parse(text: str, parse_inner) -> tuple | None:
+    if not (text.startswith("r(") and text.endswith(")")):
+        return None
+    return ("residual", parse_inner(text[2:-1]))
+
+
+def _draw(description: tuple, shape: tuple, rng: np.random.Generator, dtype, scale: float, draw_inner) -> Residual:
+    # a + F(a) adds the body's variance to the input's: a body scaled by 1/sqrt(2) keeps deep stacks of blocks
+    # out of sigmoid/tanh saturation
+    return Residual(tuple(draw_inner(description[1], shape, scale / np.sqrt(2.0))))
+
+
+def _describe(layer: Residual, where: str, describe_inner) -> dict:
+    if not isinstance(layer.layers, tuple):
+        raise TypeError(f"{where}: layers is a {type(layer.layers).__name__}; a checkpoint needs a tuple of layers")
+    return {"layers": [describe_inner(item, f"{where}.layers[{i}]") for i, item in enumerate(layer.layers)]}
+
+
+RESIDUAL_KIND = _kinds.register_kind(
+    _kinds.Kind(
+        name="residual",
+        type=Residual,
+        describe=_describe,
+        rebuild=lambda fields, inner: Residual(tuple(inner(item, i) for i, item in enumerate(fields["layers"]))),
+        form="('residual', (body description, ...))",
+        validate=_validate,
+        shape_after=lambda description, shape: shape,
+        draw=_draw,
+        notation=lambda description, inner: "r(" + ",".join(inner(item) for item in description[1]) + ")",
+        parse=_parse,
+        help="r(...) = residual a + F(a), its body inside",
+        example=(("residual", (("dense", 3, "tanh"), ("layer_norm",))), (3,)),
+        # a block supports what its body supports (the curvature rules walk into it); rules take no blocks
+        supports=frozenset({"per_example", "curvature", "diag_hessian", "kronecker"}),
+        builtin=True,
+    )
+)

@@ -7,20 +7,20 @@ or the new one, never a mix. Reading checks everything (format version,
 structure, shapes, dtypes; the zip's CRC-32 catches corrupted bytes) and turns
 any problem into a ``CheckpointError`` that names the file.
 
-Two layouts, both read by ``load_checkpoint`` (``np.load(path)`` reads either,
-no pickle anywhere):
+One layout is written, ``purebp-checkpoint-2`` (``np.load(path)`` reads it, no
+pickle anywhere): ``params/<i>``, the network's parameters in ``jax.tree.leaves``
+order; the meta has ``network`` (``describe_network``: the input shape and, per
+layer, its kind and static fields, enough to rebuild a stack of known layer
+kinds without pickle: each kind's row in ``purebp.layers.kinds`` describes and
+rebuilds it), ``param_paths`` (each leaf's ``jax.tree_util.keystr`` path, e.g.
+``.layers[1].layers[0].w``), ``param_leaves`` (shape and dtype per leaf) and
+``treedef`` (``str`` of the network's tree structure, a last structure check).
 
-- ``purebp-checkpoint-1``, for a ``Network`` (an MLP from ``init_mlp``):
-  ``net/<l>/w`` and ``net/<l>/b``; the meta has ``sizes``, ``activations`` and
-  ``dtype``. MLPs are still written in this layout, so that files stay
-  readable by purebp versions that know only it.
-- ``purebp-checkpoint-2``, for a ``Sequential`` (from ``init_network``):
-  ``params/<i>``, the parameters in ``jax.tree.leaves`` order; the meta has
-  ``network`` (``describe_network``: the input shape and, per layer, its kind
-  and static fields, enough to rebuild a stack of built-in layers without
-  pickle), ``param_paths`` (each leaf's ``jax.tree_util.keystr`` path, e.g.
-  ``.layers[1].layers[0].w``), ``param_leaves`` (shape and dtype per leaf) and
-  ``treedef`` (``str`` of the network's tree structure, a last structure check).
+The MLP layout of earlier versions, ``purebp-checkpoint-1`` (``net/<l>/w`` and
+``net/<l>/b``; the meta has ``sizes``, ``activations`` and ``dtype``), is still
+read, into ``Sequential(layers=(Dense(w, b, activation), ...), input_shape=(n_in,))``;
+its optimizer state (whose stored tree structure names the old ``Network``
+type) is matched to the template leaf by leaf: same count, shapes and dtypes.
 
 Both also hold ``opt/<i>`` (the optimizer state's leaves in ``jax.tree.leaves``
 order), ``key_data`` (``jax.random.key_data(key)``, absent without a key) and
@@ -38,21 +38,19 @@ import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from purebp.layers import AvgPool1d, Conv1d, Dense, Dropout, Flatten, LayerNorm, MaxPool1d, Residual
 from purebp.layers import Dense as _Dense
+from purebp.layers import kinds as _kinds
 from purebp.network import Sequential, validate_architecture, validate_sequential
 from purebp.version import __version__
 
 FORMAT_MLP = "purebp-checkpoint-1"
 FORMAT_SEQUENTIAL = "purebp-checkpoint-2"
-FORMAT = FORMAT_MLP  # the original name, kept for callers that read it
 FORMATS = (FORMAT_MLP, FORMAT_SEQUENTIAL)
 
 
@@ -79,102 +77,10 @@ def _version() -> str:
 # Describing a network's architecture as JSON, and rebuilding built-in layers from that description
 
 
-def _static(layer: object, field: str, types: tuple[type, ...], where: str) -> object:
-    # exact types only: the value must come back from JSON as the same type, or the rebuilt tree structure
-    # (which holds the static fields) would differ (a numpy scalar prints differently from a Python float)
-    value = getattr(layer, field)
-    if type(value) not in types:
-        expected = " or ".join(t.__name__ for t in types)
-        raise TypeError(
-            f"{where}: {field} is {value!r} ({type(value).__name__}); a checkpoint needs a Python {expected}"
-        )
-    return value
-
-
 def _layers_tuple(layers: object, where: str) -> tuple:
     if not isinstance(layers, tuple):
         raise TypeError(f"{where}: layers is a {type(layers).__name__}; a checkpoint needs a tuple of layers")
     return layers
-
-
-def _describe_dense(layer: Dense, where: str) -> dict:
-    return {"activation": _static(layer, "activation", (str,), where), "n_out": int(np.shape(layer.w)[0])}
-
-
-def _describe_residual(layer: Residual, where: str) -> dict:
-    body = _layers_tuple(layer.layers, where)
-    return {"layers": [describe_layer(item, f"{where}.layers[{i}]") for i, item in enumerate(body)]}
-
-
-def _describe_layer_norm(layer: LayerNorm, where: str) -> dict:
-    return {"eps": _static(layer, "eps", (float, int), where)}
-
-
-def _describe_dropout(layer: Dropout, where: str) -> dict:
-    return {"rate": _static(layer, "rate", (float, int), where)}
-
-
-def _describe_conv1d(layer: Conv1d, where: str) -> dict:
-    return {
-        "activation": _static(layer, "activation", (str,), where),
-        "channels": int(np.shape(layer.w)[0]),
-        "kernel": int(np.shape(layer.w)[2]),
-        "stride": _static(layer, "stride", (int,), where),
-        "padding": _static(layer, "padding", (int,), where),
-    }
-
-
-def _describe_pool(layer: MaxPool1d | AvgPool1d, where: str) -> dict:
-    return {"kernel": _static(layer, "kernel", (int,), where), "stride": _static(layer, "stride", (int,), where)}
-
-
-class _Leaf:
-    """Stands for a parameter array while a network is rebuilt from its description (a pytree leaf)."""
-
-    def __repr__(self) -> str:
-        return "*"
-
-
-_LEAF = _Leaf()
-
-
-def _build_dense(description: dict, build: Callable) -> Dense:
-    return Dense(_LEAF, _LEAF, description["activation"])
-
-
-def _build_residual(description: dict, build: Callable) -> Residual:
-    return Residual(tuple(build(item, index) for index, item in enumerate(description["layers"])))
-
-
-def _build_layer_norm(description: dict, build: Callable) -> LayerNorm:
-    return LayerNorm(_LEAF, _LEAF, description["eps"])
-
-
-def _build_dropout(description: dict, build: Callable) -> Dropout:
-    return Dropout(description["rate"])
-
-
-def _build_conv1d(description: dict, build: Callable) -> Conv1d:
-    return Conv1d(_LEAF, _LEAF, description["stride"], description["padding"], description["activation"])
-
-
-# One row per built-in layer type: its kind in the file, how to describe it, how to rebuild it (with
-# placeholder leaves). A new built-in layer kind adds a row here; any other layer is "custom".
-_BUILT_IN: dict[type, tuple[str, Callable, Callable]] = {
-    Dense: ("dense", _describe_dense, _build_dense),
-    Residual: ("residual", _describe_residual, _build_residual),
-    LayerNorm: ("layer_norm", _describe_layer_norm, _build_layer_norm),
-    Dropout: ("dropout", _describe_dropout, _build_dropout),
-    Conv1d: ("conv1d", _describe_conv1d, _build_conv1d),
-    MaxPool1d: ("max_pool1d", _describe_pool, lambda description, build: MaxPool1d(**_pool_fields(description))),
-    AvgPool1d: ("avg_pool1d", _describe_pool, lambda description, build: AvgPool1d(**_pool_fields(description))),
-    Flatten: ("flatten", lambda layer, where: {}, lambda description, build: Flatten()),
-}
-_BUILD = {kind: build for kind, _, build in _BUILT_IN.values()}
-
-
-def _pool_fields(description: dict) -> dict:
-    return {"kernel": description["kernel"], "stride": description["stride"]}
 
 
 def _type_name(layer: object) -> str:
@@ -184,18 +90,18 @@ def _type_name(layer: object) -> str:
 def describe_layer(layer: object, where: str = "layer") -> dict:
     """Return a JSON-able description of one layer: ``{"kind": ..., <its static fields>}``.
 
-    Built-in kinds: ``dense`` (activation, n_out), ``residual`` (layers: the
-    body, described the same way), ``layer_norm`` (eps), ``dropout`` (rate),
-    ``conv1d`` (activation, channels, kernel, stride, padding), ``max_pool1d`` and
-    ``avg_pool1d`` (kernel, stride), ``flatten``.
-    Any other layer is ``custom``: its type (module.qualname), its tree
+    Every kind in the table of layer kinds (``purebp.layers.kinds``) describes
+    itself: ``dense`` (activation, n_out), ``residual`` (layers: the body,
+    described the same way), ``layer_norm`` (eps), ``dropout`` (rate),
+    ``conv1d`` (activation, channels, kernel, stride, padding), ``max_pool1d``
+    and ``avg_pool1d`` (kernel, stride), ``flatten``, and any kind registered
+    since. Any other layer is ``custom``: its type (module.qualname), its tree
     structure as text (which shows its static fields) and its leaves' shapes.
     ``where`` names the layer in error messages.
     """
-    entry = _BUILT_IN.get(type(layer))  # exact type: a subclass of a built-in may add fields, so it is custom
-    if entry is not None:
-        kind, describe, _ = entry
-        return {"kind": kind} | describe(layer, where)
+    kind = _kinds.kind_of(layer)  # exact type: a subclass of a built-in may add fields, so it is custom
+    if kind is not None:
+        return {"kind": kind.name} | kind.describe(layer, where, describe_layer)
     leaves, structure = jax.tree_util.tree_flatten_with_path(layer)
     return {
         "kind": "custom",
@@ -208,10 +114,9 @@ def describe_layer(layer: object, where: str = "layer") -> dict:
 def describe_network(net: Sequential) -> dict:
     """Return a JSON-able description of ``net``'s architecture (no parameter values).
 
-    A ``Network``: ``{"kind": "mlp", "sizes", "activations", "dtype"}``. A
-    ``Sequential``: ``{"kind": "sequential", "input_shape", "dtype", "layers"}``
-    with one ``describe_layer`` entry per layer. Two networks with the same
-    description have the same architecture and dtype; for built-in layers the
+    ``{"kind": "sequential", "input_shape", "dtype", "layers"}`` with one
+    ``describe_layer`` entry per layer. Two networks with the same description
+    have the same architecture and dtype; for the table's layer kinds the
     description is enough to rebuild the network's structure (the values come
     from the checkpoint). Raises TypeError for anything else, and for a
     built-in layer whose static field is not a plain Python value.
@@ -229,7 +134,7 @@ def describe_network(net: Sequential) -> dict:
 
 
 def _skeleton(path: str, description: dict) -> Sequential:
-    """Rebuild a Sequential of built-in layers from its description, with ``_LEAF`` for every parameter."""
+    """Rebuild a Sequential of known kinds from its description, with ``kinds.LEAF`` for every parameter."""
 
     def build(item: dict, where: str) -> object:
         kind = item.get("kind") if isinstance(item, dict) else None
@@ -238,12 +143,14 @@ def _skeleton(path: str, description: dict) -> Sequential:
                 f"checkpoint {path}: {where} is a {item.get('type')}, not a built-in layer, so the file alone "
                 "cannot rebuild it; pass net_template= (e.g. the freshly initialised network) to load it"
             )
-        if kind not in _BUILD:
+        row = _kinds.kind_named(kind)
+        if row is None:
+            known = ", ".join(sorted(row.name for row in _kinds.all_kinds()))
             raise CheckpointError(
                 f"checkpoint {path}: {where} has layer kind {kind!r}, which this purebp ({_version()}) does not know "
-                f"(known: {', '.join(sorted(_BUILD))}); pass net_template= to load it"
+                f"(known: {known}); pass net_template= to load it"
             )
-        return _BUILD[kind](item, lambda inner, index: build(inner, f"{where}.layers[{index}]"))
+        return row.rebuild(item, lambda inner, index: build(inner, f"{where}.layers[{index}]"))
 
     try:
         layers = tuple(build(item, f"layers[{i}]") for i, item in enumerate(description["layers"]))
@@ -312,9 +219,9 @@ def save_checkpoint(
 ) -> None:
     """Write ``net``, ``opt_state`` (a pytree), ``step``, ``key`` and JSON ``metadata`` to ``path`` atomically.
 
-    ``net`` is a ``Network`` (written as ``purebp-checkpoint-1``) or a
-    ``Sequential`` of any layers (``purebp-checkpoint-2``; one holding a layer
-    of your own loads back with ``net_template=``). The previous file at
+    ``net`` is a ``Sequential`` of any layers (written as
+    ``purebp-checkpoint-2``; one holding a layer of your own whose kind has no
+    row in ``purebp.layers.kinds`` loads back with ``net_template=``). The previous file at
     ``path``, if any, is replaced only once the new one is complete on disk.
     Arrays are stored exactly: a round trip is bit-identical.
     """
@@ -412,9 +319,10 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint``; return a ``Checkpoint``.
 
-    The network is rebuilt from the file alone when it is a ``Network`` or a
-    ``Sequential`` of built-in layers (dense, residual, layer norm, dropout).
-    A network holding a layer of your own needs ``net_template`` (e.g. the
+    The network is rebuilt from the file alone when every layer's kind has a
+    row in ``purebp.layers.kinds`` (all built-in layers do), and from an old
+    MLP file (``purebp-checkpoint-1``) as a ``Sequential`` of ``Dense``.
+    A network holding another layer of your own needs ``net_template`` (e.g. the
     freshly initialised network) for its structure; with a template, for any
     network, the stored description, parameter paths, shapes, dtypes and tree
     structure must match the template's, and the first difference is named.
@@ -445,7 +353,7 @@ def load_checkpoint(
             net = _restore_sequential(path, arrays, meta, net_template)
         opt_state = None
         if opt_state_template is not None:
-            opt_state = _restore_opt_state(path, arrays, meta, opt_state_template)
+            opt_state = _restore_opt_state(path, arrays, meta, opt_state_template, old_mlp=found == FORMAT_MLP)
         key = None
         if "key_data" in arrays:
             try:
@@ -456,15 +364,6 @@ def load_checkpoint(
     except KeyError as error:  # a meta field missing (a file edited by hand, or written by something else)
         raise CheckpointError(f"checkpoint {path} has incomplete metadata: no {error}") from None
     return Checkpoint(net=net, opt_state=opt_state, step=step, key=key, metadata=metadata)
-
-
-def load_checkpoint_if_exists(
-    path: str | os.PathLike, *, opt_state_template: Any = None, net_template: Sequential | None = None
-) -> Checkpoint | None:
-    """``load_checkpoint`` if ``path`` exists, else None (for resuming a run that may not have started)."""
-    if not os.path.exists(path):
-        return None
-    return load_checkpoint(path, opt_state_template=opt_state_template, net_template=net_template)
 
 
 def _match_template(path: str, saved_description: dict, template: Sequential) -> None:
@@ -560,9 +459,15 @@ def _restore_sequential(
     return net
 
 
-def _restore_opt_state(path: str, arrays: dict[str, np.ndarray], meta: dict, template: Any) -> Any:
+def _restore_opt_state(path: str, arrays: dict[str, np.ndarray], meta: dict, template: Any, old_mlp: bool) -> Any:
     leaves, treedef = jax.tree.flatten(template)
-    if str(treedef) != meta["opt_treedef"]:
+    if old_mlp:  # its structure names the old Network type, which no template has now: match leaf by leaf
+        if len(leaves) != len(meta["opt_leaves"]):
+            raise CheckpointError(
+                f"checkpoint {path}: its optimizer state has {len(meta['opt_leaves'])} leaves but the optimizer "
+                f"given has {len(leaves)} (a different optimizer or network?)"
+            )
+    elif str(treedef) != meta["opt_treedef"]:
         raise CheckpointError(
             f"checkpoint {path}: its optimizer state has structure\n  {meta['opt_treedef']}\n"
             f"but the optimizer given has\n  {treedef}\n(a different optimizer or network?)"
