@@ -15,13 +15,15 @@ GRADIENT_ALIASES = {
 }
 
 
-def take(options: dict[str, Any], aliases: dict[str, str], caller: str) -> dict[str, Any]:
-    """Return the deprecated ``options`` that were given (not None), warning for each; refuse unknown names."""
+def take(options: dict[str, Any], aliases: dict[str, str], caller: str, stacklevel: int = 3) -> dict[str, Any]:
+    """Return the deprecated ``options`` given, warning for each (at the user's line); refuse unknown names."""
     unknown = sorted(set(options) - set(aliases))
     if unknown:
         raise TypeError(f"{caller}() got unexpected keyword argument(s): {', '.join(unknown)}")
     for name in options:
-        warnings.warn(f"{caller}({name}=...) is deprecated: use {aliases[name]}", DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{caller}({name}=...) is deprecated: use {aliases[name]}", DeprecationWarning, stacklevel=stacklevel
+        )
     return dict(options)
 
 

@@ -244,7 +244,7 @@ def _callbacks(callback: object) -> tuple:
 
 def _old_options(options: dict, deprecated: dict) -> dict:
     """Map fit's deprecated keyword arguments onto the new ones (``options``: gradient, checkpoint, callback)."""
-    old = _deprecated.take(deprecated, FIT_ALIASES, "fit")
+    old = _deprecated.take(deprecated, FIT_ALIASES, "fit", stacklevel=4)
     gradient = _deprecated.gradient_with(options["gradient"], old)
     if "verify" in old:
         gradient = _gradients.combine(gradient, _gradients.Gradient(verify=old["verify"]))
@@ -323,44 +323,30 @@ def fit(
 ) -> tuple[AnyNetwork, dict[str, list]]:
     """Train ``net`` on ``train = (x, y)``; return (trained net, history). ``net`` is not modified.
 
-    - ``optimizer``: any optax ``GradientTransformation``; default plain
-      gradient descent theta <- theta - eta grad L with eta = ``learning_rate``
-      (0.1), the rate held in the optimizer state (``make_optimizer("sgd", eta)``),
-      so a sweep ``fit(learning_rate=r)`` compiles the epoch once.
-      ``learning_rate`` is only for that default. Build your own with
-      ``optax.inject_hyperparams`` (as ``make_optimizer`` does) and a sweep
-      over its numbers compiles once too; any other optimizer object compiles
-      its own epoch (``purebp.train.optimizers``).
+    - ``optimizer``: any optax ``GradientTransformation``; default theta <-
+      theta - eta grad L with eta = ``learning_rate`` (0.1, only for this
+      default) held in the optimizer state, so a sweep over
+      ``fit(learning_rate=r)`` compiles the epoch once; so does one over an
+      ``optax.inject_hyperparams`` optimizer (``purebp.train.optimizers``).
     - ``epochs`` or ``steps`` (exactly one); ``batch_size`` (default: the whole
       training set, i.e. gradient descent); ``key`` shuffles minibatches
       (epoch e uses ``fold_in(key, e)``), needed when ``batch_size < N``.
     - ``eval = (x_test, y_test)`` is evaluated after every epoch.
     - ``gradient``: how each step's gradient is made (``purebp.train.gradients``):
-      "handwritten" (default), "autodiff" (jax.grad of the same forward pass
-      and cost), a learning rule (``purebp.extras.rules``: train on the rule's
-      update; a traced argument of the compiled epoch, recorded in
-      checkpoints), ``gradients.mixed("bfloat16")`` (mixed precision: the
-      float32 master parameters, optimizer state and update stay in the
-      network's dtype, each step's pass runs on cast copies), a
-      ``jax.sharding.Mesh`` / ``gradients.sharded(mesh)`` (data parallel over
-      its "data" axis, ``batch_size`` divisible by its size, across processes
-      too; only process 0 writes checkpoints), or a tuple of these where the
-      passes allow the combination. Before training, fit compares the
-      hand-written gradient with jax.grad on ``VERIFY_BATCH`` training
-      examples and raises ``GradientMismatchError`` if they differ
-      (``gradients.handwritten(verify=False)`` skips it); with a rule this
-      checks backprop on the architecture, not the rule's update.
-    - ``checkpoint``: a path, saved every epoch and at the end (and with the
-      last finite parameters on divergence), or a ``Checkpointing(path, every,
-      resume, stop, settings)``: resume continues any finished or interrupted
-      run to more steps, bit for bit like the longer run; a changed setting
-      that shapes the trajectory (architecture, dtype, loss, reduction, batch
-      size, optimizer, gradient, data, key, ``settings``) is refused naming
-      the setting and both values. A directory, or a path whose directory is
-      missing, is refused before training.
+      "handwritten" (default), "autodiff", a learning rule (``purebp.extras.rules``),
+      ``gradients.mixed("bfloat16")``, a ``jax.sharding.Mesh`` (data parallel,
+      across processes too), or a tuple of these where the passes combine.
+      First fit compares the hand-written gradient with jax.grad on
+      ``VERIFY_BATCH`` training examples and raises ``GradientMismatchError``
+      if they differ (``gradients.handwritten(verify=False)`` skips it).
+    - ``checkpoint``: a path, saved every epoch and at the end, or a
+      ``Checkpointing(path, every, resume, stop, settings)``
+      (``purebp.train.resume``): resume continues any run bit for bit like
+      the longer run and refuses a changed setting, naming it. A directory,
+      or a path whose directory is missing, is refused before training.
     - ``callback``: one or a sequence of ``callback(epoch, row)``, called after
       every epoch with its history row; an object with ``measure(net) -> dict``
-      (e.g. ``purebp.extras.rules.alignment_callback``) adds entries to the row
+      (``purebp.extras.rules.alignment_callback``) adds entries to the row
       before it is recorded, outside the training time.
     - ``progress=True``: print fit's messages, a tqdm bar (extra ``cli``) and
       each epoch's metrics; otherwise messages go to the ``"purebp.train.fit"`` logger.
