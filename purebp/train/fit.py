@@ -106,7 +106,7 @@ class GradientMismatchError(ValueError):
         failing = "".join(f"\n{layer_report}" for layer_report in layer_reports if not layer_report.passed)
         super().__init__(
             "refusing to train: the hand-written gradient disagrees with jax.grad on this architecture "
-            f"(pass verify=False to train anyway)\n{report}{failing}"
+            f"(pass gradient=purebp.train.gradients.handwritten(verify=False) to train anyway)\n{report}{failing}"
         )
         self.report = report
         self.layer_reports = tuple(layer_reports)

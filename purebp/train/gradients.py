@@ -3,15 +3,16 @@
 ``fit(gradient=...)``, ``make_train_step(gradient=...)`` and ``run_epoch`` take
 one ``Gradient``, built from
 
-==============================  ===================================================================
-``"handwritten"`` (default)     the hand-written backward pass (``purebp.engine``)
+==============================  ==========================================================================
+``"handwritten"`` (default)     the hand-written backward pass (``purebp.engine``), checked by ``fit``
+``handwritten(verify=False)``   the same, unchecked (``fit`` skips its gradient check)
 ``"autodiff"``                  the witness: jax.grad of the same forward pass and cost (``purebp.check``)
 a rule / ``rule(r)``            a learning rule's update instead of the gradient (``purebp.extras.rules``)
 ``mixed("bfloat16")``           mixed precision: the hand-written pass on copies cast to the compute dtype
 a Mesh / ``sharded(mesh)``      data parallel over the mesh's "data" axis (``purebp.train.distributed``)
-==============================  ===================================================================
+==============================  ==========================================================================
 
-Sources combine as a tuple (``gradient=("autodiff", mixed("bfloat16"))``), and
+Sources combine as a tuple (``gradient=(handwritten(verify=False), rule)``), and
 ``Gradient.check`` refuses, before anything compiles, every combination the
 passes cannot run yet: a rule, mixed precision and a mesh each need the
 hand-written pass, and none of them combines with another.
