@@ -80,7 +80,7 @@ def idiomatic_loss(params, x, y):
 
 
 def purebp_value_and_grad(net, x, y):
-    return pb.backprop.loss_and_grads(net, x, y, loss="softmax_cross_entropy")
+    return pb.engine.loss_and_grads(net, x, y, loss="softmax_cross_entropy")
 
 
 def own_forward_value_and_grad(net, x, y):

@@ -109,7 +109,7 @@ def make_chunk(method: str, x: jax.Array, y: jax.Array):
         net, state, key = carry
         xb, yb = x[indices], y[indices]
         key, sample_key = jax.random.split(key)
-        loss, grads = pb.backprop.compiled_value_and_grad(net, xb, yb, LOSS, "mean")
+        loss, grads = pb.engine.compiled_value_and_grad(net, xb, yb, LOSS, "mean")
         extra = {}
         if method == "diag_ggn_mc":
             extra["curvature"] = pb.diag_ggn(net, xb, yb, loss=LOSS, mc_samples=1, key=sample_key)

@@ -547,21 +547,21 @@ def compile_once(jitted, *args):
 def fast_handwritten_value_and_grad(case) -> tuple:
     """(L, dL/dtheta) of a ``StackCase`` by the hand-written pass, compiled as check_gradients(fast_compile=True)
     compiles (LLVM -O0 on CPU, matmul precision "highest"): for an architecture that runs once."""
-    jitted = fast_jit(pb.backprop.compiled_value_and_grad, static_argnames=("loss", "reduction"))
+    jitted = fast_jit(pb.engine.compiled_value_and_grad, static_argnames=("loss", "reduction"))
     with jax.default_matmul_precision("highest"):
         compiled = compile_once(jitted, case.net, case.x, case.y, case.loss, case.reduction, case.key)
         return compiled(case.net, case.x, case.y, case.key)
 
 
 def _handwritten_and_autodiff(net, x, y, key, loss, reduction):
-    hand = pb.backprop.compiled_value_and_grad(net, x, y, loss, reduction, key)
+    hand = pb.engine.compiled_value_and_grad(net, x, y, loss, reduction, key)
     return hand, pb.check.compiled_autodiff_value_and_grad(net, x, y, loss, reduction, key)
 
 
 def _moved_loss_and_signs(net, direction, t, x, y, key, loss, reduction):
     moved = jax.tree.map(lambda p, d: p + t * d, net, direction)  # theta + t v
-    outputs, caches = pb.backprop.forward_layers(moved, x, key)
-    cost = pb.backprop.output_cost(moved, outputs[-1], caches, y, loss=loss)
+    outputs, caches = pb.engine.forward_layers(moved, x, key)
+    cost = pb.engine.output_cost(moved, outputs[-1], caches, y, loss=loss)
     value = jax.numpy.mean(cost) if reduction == "mean" else jax.numpy.sum(cost)
     return value, _kinked_signs(moved.layers, caches)
 

@@ -10,7 +10,7 @@ al. 2016; Nokland 2016); two hidden layers so that FA's chain (B^2 then B^1)
 and DFA's direct paths differ. Adam because sign symmetry's feedback has unit
 magnitude (see ``purebp.extras.rules.sign_symmetry``) and Adam is invariant to a
 leaf's scale, so one optimizer serves every rule. After every epoch
-``fit(log_alignment=True)`` measures the angle between each layer's update and
+``rules.alignment_callback`` (a ``fit`` callback) measures the angle between each layer's update and
 the true gradient, and for FA between W^{l+1} and its fixed stand-in, on the
 first 512 training examples. Epoch times: one compiled ``run_epoch`` per rule
 on mnist5k, repeated alternately, medians, as a ratio to backprop's, for this
@@ -32,6 +32,7 @@ import purebp as pb
 from experiments import _common
 from purebp import data
 from purebp.train import fit as training
+from purebp.train import gradients
 
 RULES = ("backprop", "feedback_alignment", "direct_feedback_alignment", "sign_symmetry")
 SHORT = {"backprop": "BP", "feedback_alignment": "FA", "direct_feedback_alignment": "DFA", "sign_symmetry": "sign"}
@@ -56,9 +57,11 @@ def train_one(dataset: data.Dataset, rule_name: str, seed: int, hidden: tuple[in
     sizes = (dataset.n_features, *hidden, dataset.num_classes)
     net = pb.init_mlp(jax.random.key(seed), sizes, ("tanh",) * len(hidden) + ("identity",))
     rule = make_rule(rule_name, jax.random.key(seed + 100), net)
+    alignment = pb.rules.alignment_callback(*dataset.train, loss=LOSS, rule=rule)  # the first 512 examples
     _, history = pb.fit(
         net, dataset.train, loss=LOSS, optimizer=optax.adam(1e-3), epochs=epochs, batch_size=64,
-        key=jax.random.key(seed + 200), eval=dataset.test, rule=rule, log_alignment=True, verify=False,
+        key=jax.random.key(seed + 200), eval=dataset.test, gradient=(gradients.handwritten(verify=False), rule),
+        callback=alignment,
     )  # fmt: skip
     return {"history": history, "test_accuracy": history["eval_accuracy"][-1]}
 
@@ -70,16 +73,16 @@ def epoch_time_ratios(dataset: data.Dataset, hidden: tuple[int, ...], repeats: i
     optimizer = optax.adam(1e-3)
     x, y = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
     state = training.initial_state(net, optimizer.init(net))
-    options = dict(optimizer=optimizer, loss=LOSS, reduction="mean", gradient="handwritten", batch_size=64,
+    options = dict(optimizer=optimizer, loss=LOSS, reduction="mean", batch_size=64,
                    num_batches=x.shape[0] // 64, shuffle=True)  # fmt: skip
     rules = {name: make_rule(name, jax.random.key(1), net) for name in RULES}
     times: dict[str, list[float]] = {name: [] for name in RULES}
     for rule in rules.values():  # compile outside the clock
-        jax.block_until_ready(training.run_epoch(state, jax.random.key(2), x, y, rule=rule, **options))
+        jax.block_until_ready(training.run_epoch(state, jax.random.key(2), x, y, gradient=rule, **options))
     for index in range(repeats):
         for name in RULES if index % 2 == 0 else reversed(RULES):
             started = time.perf_counter()
-            jax.block_until_ready(training.run_epoch(state, jax.random.key(2), x, y, rule=rules[name], **options))
+            jax.block_until_ready(training.run_epoch(state, jax.random.key(2), x, y, gradient=rules[name], **options))
             times[name].append(time.perf_counter() - started)
     medians = {name: statistics.median(values) for name, values in times.items()}
     return {name: medians[name] / medians["backprop"] for name in RULES} | {"backprop_s": medians["backprop"]}

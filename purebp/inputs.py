@@ -263,29 +263,30 @@ def digest(*arrays: object) -> str:
     return hashed.hexdigest()[:16]
 
 
-def json_differences(first: object, second: object, where: str = "", names: tuple[str, str] = ("first", "second"),
-                     ) -> list[str]:  # fmt: skip
-    """Every place two JSON values differ, as 'where: X in <first>, Y in <second>' (dict keys in order, lists by
-    index, then a length difference): the one JSON diff of the package (checkpoints, resumed runs)."""
-    ours, theirs = names
+ABSENT = "<absent>"  # what json_differences reports on the side that lacks a key
+
+
+def json_differences(first: object, second: object, *, into_lists: bool = True, path: tuple = ()) -> list[tuple]:
+    """Every place two JSON values differ, as (path, value in first, value in second): the one JSON diff of the
+    package (checkpoint templates, resumed runs); each caller words the places its own way.
+
+    Dicts are compared key by key (first's keys in order, then second's new ones; a missing key is ``ABSENT``
+    on its side); lists entry by entry, then their lengths (path ending in ``"len"``), or as whole values when
+    ``into_lists`` is False; anything else by type and value.
+    """
     if isinstance(first, dict) and isinstance(second, dict):
         found = []
         for name in list(first) + [name for name in second if name not in first]:
-            inner = f"{where}.{name}" if where else str(name)
-            if name not in second:
-                found.append(f"{inner}: {first[name]!r} in {ours}, absent in {theirs}")
-            elif name not in first:
-                found.append(f"{inner}: absent in {ours}, {second[name]!r} in {theirs}")
-            else:
-                found += json_differences(first[name], second[name], inner, names)
+            found += json_differences(first.get(name, ABSENT), second.get(name, ABSENT), into_lists=into_lists,
+                                      path=(*path, name))  # fmt: skip
         return found
-    if isinstance(first, list) and isinstance(second, list):
+    if into_lists and isinstance(first, list) and isinstance(second, list):
         found = []
         for index, (a, b) in enumerate(zip(first, second)):
-            found += json_differences(a, b, f"{where}[{index}]", names)
+            found += json_differences(a, b, into_lists=into_lists, path=(*path, index))
         if len(first) != len(second):
-            found.append(f"{where}: {len(first)} entries in {ours}, {len(second)} in {theirs}")
+            found.append(((*path, "len"), len(first), len(second)))
         return found
     if type(first) is type(second) and first == second:
         return []
-    return [f"{where}: {first!r} in {ours}, {second!r} in {theirs}"]
+    return [(path, first, second)]

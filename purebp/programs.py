@@ -1,19 +1,9 @@
-"""What a compiled program depends on: stable keys and readable descriptions of Python objects.
+"""Compiled programs: one switch that drops them all, and readable descriptions of Python objects.
 
-``jax.jit`` keys its cache for a static argument on the argument's hash and
-equality. An optax ``GradientTransformation`` is a pair of closures, a new
-object on every ``optax.adam(...)`` call, so keying on it compiles again for
-every optimizer object even when it computes exactly the same thing; keying
-on a mutable object could reuse a stale program. ``program_key`` keys on what
-the traced program depends on instead: a function's code, module and name,
-and recursively its closure cells and defaults; numbers and strings by value;
-arrays by shape, dtype and bytes. Anything else is keyed by its own equality
-when it is hashable and by identity when it is not, so an unknown object can
-cost a compile but never reuse a program traced for a different one.
-
-With ``optax.inject_hyperparams`` the numeric hyperparameters live in the
-optimizer state (traced data), not in the closures, so a sweep over learning
-rates has one key, and one compiled program.
+Jitted functions close over what they need or take it as traced arguments;
+their static arguments are names, numbers and functions compared by identity,
+so a program is never keyed on a function's bytecode. (How a sweep over
+learning rates still compiles once: ``purebp.train.optimizers.program_update``.)
 
 Activation and loss names are keyed as strings: a program traced for a name
 holds the functions registered under it at that time. ``clear_caches`` drops
@@ -59,97 +49,13 @@ def clear_caches() -> None:
         clear()
 
 
-def program_key(value: Any) -> tuple:
-    """Return a hashable key equal for two objects whenever tracing them gives the same program."""
-    return _key(value, {}, 0)
-
-
-def _key(value: Any, seen: dict[int, int], depth: int) -> Any:
-    if isinstance(value, _SCALARS):
-        return (type(value).__name__, repr(value))  # repr: nan == nan, 0.0 != -0.0
-    if depth > _MAX_DEPTH or id(value) in seen:
-        return ("identity", _Identity(value))
-    seen = {**seen, id(value): depth}
-    recurse = functools.partial(_key, seen=seen, depth=depth + 1)
-    if isinstance(value, types.FunctionType):
-        cells = []
-        for name, cell in zip(value.__code__.co_freevars, value.__closure__ or ()):
-            try:
-                cells.append((name, recurse(cell.cell_contents)))
-            except ValueError:  # an empty cell
-                cells.append((name, ("empty",)))
-        return (
-            "function",
-            value.__module__,
-            value.__qualname__,
-            value.__code__,
-            tuple(cells),
-            recurse(value.__defaults__),
-            recurse(value.__kwdefaults__),
-        )
-    if isinstance(value, types.MethodType):
-        return ("method", recurse(value.__func__), recurse(value.__self__))
-    if isinstance(value, functools.partial):
-        return ("partial", recurse(value.func), recurse(value.args), recurse(value.keywords))
-    if isinstance(value, (tuple, list)):
-        return (type(value), tuple(recurse(item) for item in value))
-    if isinstance(value, dict):
-        return (type(value), tuple((recurse(name), recurse(item)) for name, item in value.items()))
-    if isinstance(value, (np.ndarray, np.generic)) or (
-        isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)
-    ):
-        array = np.asarray(value)
-        return ("array", array.shape, str(array.dtype), array.tobytes())
-    try:
-        hash(value)
-    except TypeError:
-        return ("identity", _Identity(value))
-    return ("object", type(value), value)
-
-
-class _Identity:
-    """Keys an object by identity, keeping it alive so that its id cannot be reused."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any):
-        self.value = value
-
-    def __hash__(self) -> int:
-        return id(self.value)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Identity) and other.value is self.value
-
-
-class Static:
-    """A static ``jax.jit`` argument that hashes and compares by ``program_key`` of what it wraps."""
-
-    __slots__ = ("_hash", "key", "value")
-
-    def __init__(self, value: Any):
-        self.value = value
-        self.key = program_key(value)
-        self._hash = hash(self.key)
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Static) and self._hash == other._hash and self.key == other.key
-
-    def __repr__(self) -> str:
-        return f"Static({self.value!r})"
-
-
 def describe(value: Any, name: str = "", *, limit: int = 400) -> dict[str, str]:
     """Return a flat, JSON-ready {path: text} description of ``value`` for people to compare.
 
     Functions are described by their module-qualified name and, under
     ``path.<variable>``, the values their closures hold; containers by their
     items; numbers and strings by ``repr``; arrays by shape, dtype and a digest
-    (or their values when small). Two objects with the same ``program_key``
-    have the same description; where they differ, the paths name what changed
+    (or their values when small). Where two descriptions differ, the paths name what changed
     (``purebp.fit`` uses this to say which optimizer setting a resumed run changed).
     """
     out: dict[str, str] = {}

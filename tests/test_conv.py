@@ -347,9 +347,9 @@ def test_new_weights_of_the_same_cnn_do_not_recompile():
     y = jnp.asarray([1, 2, 3, 4])
     first, second = mnist1d_cnn(seed=0), mnist1d_cnn(seed=1)
     pb.value_and_grad(first, x, y, loss="softmax_cross_entropy")
-    before = pb.backprop._value_and_grad_jit._cache_size()
+    before = pb.engine._value_and_grad_jit._cache_size()
     pb.value_and_grad(second, x, y, loss="softmax_cross_entropy")
-    assert pb.backprop._value_and_grad_jit._cache_size() == before
+    assert pb.engine._value_and_grad_jit._cache_size() == before
 
 
 # ---------------------------------------------------------------- clear errors, before anything compiles

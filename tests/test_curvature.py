@@ -259,7 +259,7 @@ def _param_layers(net):
         elif isinstance(layer, (Dense, Conv1d)):
             out.append(layer)
 
-    for layer in pb.network.stack(net):
+    for layer in net.layers:
         walk(layer)
     return out
 
@@ -273,7 +273,7 @@ def _has(net, kind) -> bool:
                 walk(inner)
         found.append(isinstance(layer, kind))
 
-    for layer in pb.network.stack(net):
+    for layer in net.layers:
         walk(layer)
     return any(found)
 
@@ -286,7 +286,7 @@ def _random_tangent(net, seed: int = 0):
 def check_against_oracle(case: Curvy, quantities=DETERMINISTIC) -> dict:
     """Every quantity of ``quantities`` vs its oracle (or the ValueError the contract asks for); returns the results."""
     has_norm = _has(case.net, pb.LayerNorm)
-    softmax_mse = case.loss == "mse" and pb.backprop.output_layer_activation(case.net) == "softmax"
+    softmax_mse = case.loss == "mse" and pb.engine.output_layer_activation(case.net) == "softmax"
     oracle = oracle_of(case, "diag_hessian" in quantities and not (has_norm or softmax_mse))
     results = {}
     if "sum_grad_squared" in quantities:

@@ -326,7 +326,7 @@ def _bad_arguments():
     yield "both", dict(good, steps=3), ValueError, "exactly one of epochs or steps"
     yield "neither", dict(good, epochs=None), ValueError, "exactly one of epochs or steps"
     yield "no key", dict(good, key=None), ValueError, "pass key=jax.random.key"
-    yield "bad key", dict(good, key=7), TypeError, "key must be a jax.random.key"
+    yield "bad key", dict(good, key=7), TypeError, "key must be one JAX random key"
     yield "gradient", dict(good, gradient="numeric"), ValueError, "gradient must be one of"
     yield "optimizer", dict(good, optimizer=optax.sgd), TypeError, "optax.GradientTransformation"
     yield "lr with optimizer", dict(good, optimizer=optax.sgd(0.1), learning_rate=0.1), ValueError, "default optim"

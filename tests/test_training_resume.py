@@ -160,20 +160,53 @@ def test_a_different_optimizer_never_reuses_the_old_program():
     assert not np.array_equal(np.asarray(sgd.layers[0].w), np.asarray(other.layers[0].w))
 
 
-def test_program_key_follows_what_the_update_computes():
-    from purebp.programs import Static
+def test_a_default_optimizer_learning_rate_sweep_compiles_the_epoch_once():
+    net, x, y = _classification()
+    options = OPTIONS | dict(epochs=2)
+    pb.fit(net, (x, y), learning_rate=0.05, **options)  # compiles
+    rates = (0.01, 0.03, 0.1, 0.3, 1.0)
+    with compiles() as compiled:
+        swept = [pb.fit(net, (x, y), learning_rate=rate, **options)[0] for rate in rates]
+    assert not any("run_epoch" in name for name in compiled), compiled
+    # bit for bit the plain optax.sgd(rate) run, whose rate is a constant of its own program
+    for rate, got in zip(rates, swept, strict=True):
+        _assert_identical(got, pb.fit(net, (x, y), optimizer=optax.sgd(rate), **options)[0])
+
+
+def test_the_epoch_is_keyed_on_what_the_update_computes():
+    from purebp.train.optimizers import program_update
 
     def injected(rate, **kwargs):
         return optax.inject_hyperparams(optax.adam)(learning_rate=rate, **kwargs).update
 
-    assert Static(injected(1e-3)) == Static(injected(5e-2))
-    assert Static(optax.adam(1e-3).update) == Static(optax.adam(1e-3).update)
-    assert Static(optax.adam(1e-3).update) != Static(optax.adam(2e-3).update)
-    assert Static(injected(1e-3)) != Static(injected(1e-3, nesterov=True))
+    assert program_update(injected(1e-3)) is program_update(injected(5e-2))
+    assert program_update(pb.make_optimizer("adam", 0.1).update) is program_update(injected(2e-3))
+    assert program_update(injected(1e-3)) is not program_update(injected(1e-3, nesterov=True))
+    sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1).update
+    assert program_update(sgd) is not program_update(injected(1e-3))
+    # constants in closures: every object is its own program (it may cost a compile, never a stale program)
+    plain = optax.adam(1e-3).update
+    assert program_update(plain) is plain and program_update(optax.adam(1e-3).update) is not plain
+    scheduled = optax.inject_hyperparams(optax.sgd)(learning_rate=optax.linear_schedule(0.1, 0.0, 10)).update
+    assert program_update(scheduled) is scheduled
     mask = np.ones(3)
-    masked = Static(lambda g: g * mask)
-    mask[0] = 0.0  # a closure over a changed array is a different program
-    assert Static(lambda g: g * mask) != masked
+    masked = optax.inject_hyperparams(optax.masked)(inner=optax.sgd(0.1), mask=mask).update
+    assert program_update(masked) is masked  # an array setting is not hashable: keyed by identity
+    pb.clear_caches()  # a fresh start: the shared function is forgotten with every compiled program
+    assert program_update(injected(1e-3)) is not program_update(sgd)
+
+
+def test_a_re_registered_activation_never_reuses_the_old_epoch():
+    _, x, y = _classification()
+    name = "purebp_test_refit"
+    pb.register_activation(name, jnp.tanh, lambda z: 1.0 - jnp.tanh(z) ** 2, overwrite=True)
+    other = pb.init_mlp(jax.random.key(0), (6, 12, 4), (name, "identity"))
+    first, _ = pb.fit(other, (x, y), learning_rate=0.1, epochs=1, **OPTIONS)
+    pb.register_activation(name, jnp.sin, jnp.cos, overwrite=True)
+    with compiles() as compiled:
+        second, _ = pb.fit(other, (x, y), learning_rate=0.1, epochs=1, **OPTIONS)
+    assert any("run_epoch" in name for name in compiled), compiled
+    assert not np.array_equal(np.asarray(first.layers[0].w), np.asarray(second.layers[0].w))
 
 
 # ---------------------------------------------------------------- the data

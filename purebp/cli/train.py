@@ -7,6 +7,7 @@ and hands it to ``purebp.train.fit``.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import types
@@ -344,11 +345,25 @@ def _settings(args: argparse.Namespace, run: types.SimpleNamespace) -> dict:
     }
 
 
+class _PrefixedLines(logging.Handler):
+    """Prints each log record as one line with a prefix (nothing on processes other than 0)."""
+
+    def __init__(self, prefix: str, quiet: bool):
+        super().__init__(logging.INFO)
+        self.prefix, self.quiet = prefix, quiet
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.quiet:
+            print(f"{self.prefix}{record.getMessage()}", flush=True)
+
+
 def _train(args: argparse.Namespace, run: types.SimpleNamespace, multi_process: bool, stop) -> tuple:
     """``fit`` with the command's settings, a progress bar and its log lines; return (trained, history)."""
     import jax
 
     from purebp.train.fit import fit
+    from purebp.train.gradients import Gradient
+    from purebp.train.resume import Checkpointing
 
     bar, on_epoch = _progress_bar(run.schedule.num_epochs, "eval_accuracy")
     mesh = None
@@ -359,32 +374,21 @@ def _train(args: argparse.Namespace, run: types.SimpleNamespace, multi_process: 
     net, dataset, loss, optimizer, batch_size = run.net, run.dataset, run.loss, run.optimizer, run.schedule.batch_size
     shuffle_key, settings, length = run.shuffle_key, _settings(args, run), run.length
 
-    def log(message: str) -> None:
-        if not multi_process or jax.process_index() == 0:
-            print(f"purebp train: {message}", flush=True)
-
+    gradient = Gradient(source=args.gradient, mesh=mesh, verify=not args.no_verify)
+    checkpoint = Checkpointing(args.checkpoint, every=args.checkpoint_every, resume=args.resume, stop=stop,
+                               settings=settings)  # fmt: skip
+    handler = _PrefixedLines("purebp train: ", quiet=multi_process and jax.process_index() != 0)
+    logger = logging.getLogger("purebp.train.fit")  # fit's messages (resumed from where, the gradient check)
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
     try:
-        trained, history = fit(
-            net,
-            dataset.train,
-            loss=loss,
-            optimizer=optimizer,
-            batch_size=batch_size,
-            key=shuffle_key,
-            eval=dataset.test,
-            gradient=args.gradient,
-            verify=not args.no_verify,
-            checkpoint=args.checkpoint,
-            checkpoint_every=args.checkpoint_every,
-            resume=args.resume,
-            callback=on_epoch,
-            mesh=mesh,
-            stop=stop,
-            settings=settings,
-            log=log,
-            **length,
-        )
+        trained, history = fit(net, dataset.train, loss=loss, optimizer=optimizer, batch_size=batch_size,
+                               key=shuffle_key, eval=dataset.test, gradient=gradient, checkpoint=checkpoint,
+                               callback=on_epoch, **length)  # fmt: skip
     finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
         bar.close()
     return trained, history
 

@@ -504,3 +504,32 @@ def alignment_angles(
     argument, so calling it every epoch costs no compile after the first.
     """
     return _engine.checked_call(_alignment_jit, net, x, y, loss, reduction, key, rule=rule, always_rule=True)
+
+
+def alignment_callback(
+    x: Array, y: Array, *, loss: str, reduction: str = "mean", rule: object = None, count: int = 512
+):
+    """A ``fit`` callback that measures ``alignment_angles`` after every epoch on the first ``count`` examples.
+
+    Pass it as ``fit(..., callback=rules.alignment_callback(x, y, loss=..., rule=r))``
+    with the training data and the rule being trained: each history row gets
+    ``update_angles`` and ``feedback_angles``, lists of degrees per layer of the
+    stack (NaN where undefined; see ``Alignment``), measured with dropout off
+    and outside the epoch's training time (``fit`` calls its ``measure(net)``
+    before recording the row).
+    """
+    import types
+
+    from purebp import engine as _engine
+
+    rule = normalize(rule)
+    x, y = x[:count], y[:count]
+
+    def measure(net: AnyNetwork) -> dict[str, list[float]]:
+        angles = _engine.alignment_angles(net, x, y, loss=loss, reduction=reduction, rule=rule)
+        return {
+            "update_angles": [float(a) for a in np.asarray(angles.update)],
+            "feedback_angles": [float(a) for a in np.asarray(angles.feedback)],
+        }
+
+    return types.SimpleNamespace(measure=measure)

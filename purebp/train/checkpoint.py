@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from purebp import inputs as _inputs
 from purebp.layers import Dense as _Dense
 from purebp.layers import kinds as _kinds
 from purebp.network import Sequential, validate_architecture, validate_sequential
@@ -167,28 +168,20 @@ def _first_difference(
     saved: Any, now: Any, where: str, ours: str = "the checkpoint", theirs: str = "net_template"
 ) -> str | None:
     """The first place two JSON values differ, as 'where: X in <ours>, Y in <theirs>', or None."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        for name in list(saved) + [name for name in now if name not in saved]:
-            inner = f"{where}.{name}" if where else name
-            if name not in now:
-                return f"{inner}: {saved[name]!r} in {ours}, absent in {theirs}"
-            if name not in saved:
-                return f"{inner}: absent in {ours}, {now[name]!r} in {theirs}"
-            found = _first_difference(saved[name], now[name], inner, ours, theirs)
-            if found is not None:
-                return found
+    differences = _inputs.json_differences(saved, now)
+    if not differences:
         return None
-    if isinstance(saved, list) and isinstance(now, list):
-        for index, (a, b) in enumerate(zip(saved, now)):
-            found = _first_difference(a, b, f"{where}[{index}]", ours, theirs)
-            if found is not None:
-                return found
-        if len(saved) != len(now):
-            return f"{where}: {len(saved)} entries in {ours}, {len(now)} in {theirs}"
-        return None
-    if type(saved) is type(now) and saved == now:
-        return None
-    return f"{where}: {saved!r} in {ours}, {now!r} in {theirs}"
+    path, first, second = differences[0]
+    place = where
+    for part in path[:-1] if path and path[-1] == "len" else path:
+        place += f"[{part}]" if isinstance(part, int) else (f".{part}" if place else str(part))
+    if path and path[-1] == "len":
+        return f"{place}: {first} entries in {ours}, {second} in {theirs}"
+    if first is _inputs.ABSENT:
+        return f"{place}: absent in {ours}, {second!r} in {theirs}"
+    if second is _inputs.ABSENT:
+        return f"{place}: {first!r} in {ours}, absent in {theirs}"
+    return f"{place}: {first!r} in {ours}, {second!r} in {theirs}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
