@@ -35,10 +35,11 @@ from purebp.layers import (
     max_pool1d,
     residual,
 )
+from purebp.layers.kinds import Kind, register_kind
 from purebp.network import Layer, Network, Sequential, init_mlp, init_network
 from purebp.programs import clear_caches
 from purebp.registry import register_activation, register_loss
-from purebp.train import distributed
+from purebp.train import distributed, gradients
 from purebp.train.checkpoint import Checkpoint, CheckpointError, describe_network, load_checkpoint, save_checkpoint
 from purebp.train.distributed import ProcessFailureError, data_parallel_value_and_grad, make_data_mesh
 from purebp.train.fit import (
@@ -50,6 +51,7 @@ from purebp.train.fit import (
     make_train_step,
 )
 from purebp.train.precision import cast_network, mixed_value_and_grad
+from purebp.train.resume import Checkpointing
 from purebp.version import __version__ as __version__
 
 # the module paths of earlier versions, for ``import purebp.curvature`` and the like
@@ -67,6 +69,7 @@ __all__ = [
     "BackpropTrace",
     "Checkpoint",
     "CheckpointError",
+    "Checkpointing",
     "Conv1d",
     "Dense",
     "DivergenceError",
@@ -74,6 +77,7 @@ __all__ = [
     "Flatten",
     "GradientMismatchError",
     "GradientReport",
+    "Kind",
     "KroneckerFactors",
     "Layer",
     "LayerNorm",
@@ -109,6 +113,7 @@ __all__ = [
     "ggn_vector_product",
     "grad",
     "grad_variance",
+    "gradients",
     "init_mlp",
     "init_network",
     "kfac",
@@ -124,6 +129,7 @@ __all__ = [
     "per_example_grads",
     "preconditioning",
     "register_activation",
+    "register_kind",
     "register_loss",
     "residual",
     "rules",
