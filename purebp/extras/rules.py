@@ -520,13 +520,11 @@ def alignment_callback(
     """
     import types
 
-    from purebp import engine as _engine
-
     rule = normalize(rule)
     x, y = x[:count], y[:count]
 
     def measure(net: AnyNetwork) -> dict[str, list[float]]:
-        angles = _engine.alignment_angles(net, x, y, loss=loss, reduction=reduction, rule=rule)
+        angles = alignment_angles(net, x, y, loss=loss, reduction=reduction, rule=rule)
         return {
             "update_angles": [float(a) for a in np.asarray(angles.update)],
             "feedback_angles": [float(a) for a in np.asarray(angles.feedback)],

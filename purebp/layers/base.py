@@ -17,7 +17,10 @@ def example_keys(key: Array, batch: int, offset: int | Array = 0) -> Array:
     """
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)
-    return jax.vmap(lambda n: jax.random.fold_in(key, n))(offset + jnp.arange(batch))
+    # int32 counters whatever the offset's integer type (a device's shard index is int32, Python ints are
+    # int64 under x64): fold_in reads them as uint32 either way, so the keys are the same
+    counters = jnp.asarray(offset).astype(jnp.int32) + jnp.arange(batch, dtype=jnp.int32)
+    return jax.vmap(lambda n: jax.random.fold_in(key, n))(counters)
 
 
 def layer_keys(keys: Array | None, index: int) -> Array | None:
