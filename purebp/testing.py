@@ -12,6 +12,9 @@ The same for stacks over every layer kind (dense, residual, layer norm,
 dropout): ``StackSpec`` / ``make_stack_case`` / ``random_stack_spec`` /
 ``stack_specs`` (and ``stack_cases``), with ``StackSpec.notation`` the compact
 architecture line ``purebp verify --layers all`` prints.
+
+Why one module of ~670 lines: ``from purebp.testing import ...`` is the public door for users' own
+equivalence tests (DESIGN.md), and the MLP and stack generators share their drawing rules.
 """
 
 from __future__ import annotations
@@ -477,6 +480,24 @@ def _draw_conv_front(
     return channels, length, tuple(layers)
 
 
+def _draw_block(integer, pick, hidden, width: int, nested: bool) -> tuple:
+    """A residual block's body: 0-2 dense layers of the block's width, maybe a layer norm, a dropout, a nested
+    block (once), in the order ``_draw_stack_spec`` has always drawn them (old seeds replay)."""
+    items = [("dense", width, pick(hidden)) for _ in range(integer(0, 2))]
+    extras = []
+    if width >= LAYER_NORM_MIN_WIDTH and pick((False, True)):
+        extras.append(("layer_norm",))
+    if pick((False, False, True)):
+        extras.append(("dropout", pick(DROPOUT_RATES)))
+    if nested and pick((False, True)):
+        extras.append(("residual", _draw_block(integer, pick, hidden, width, nested=False)))
+    if not items and not extras:
+        items.append(("dense", width, pick(hidden)))
+    for extra in extras:
+        items.insert(integer(0, len(items)), extra)
+    return tuple(items)
+
+
 def _draw_stack_spec(
     integer, pick, *, dtypes, max_depth, max_width, max_batch, outputs, hidden, with_keys, conv=False
 ) -> StackSpec:
@@ -507,20 +528,7 @@ def _draw_stack_spec(
         trailing = pick(("layer_norm", "dropout", "residual"))
 
     def body(width: int, nested: bool) -> tuple:
-        # 0-2 dense layers of the block's width, maybe a layer norm, a dropout, a nested block (once)
-        items = [("dense", width, pick(hidden)) for _ in range(integer(0, 2))]
-        extras = []
-        if width >= LAYER_NORM_MIN_WIDTH and pick((False, True)):
-            extras.append(("layer_norm",))
-        if pick((False, False, True)):
-            extras.append(("dropout", pick(DROPOUT_RATES)))
-        if nested and pick((False, True)):
-            extras.append(("residual", body(width, nested=False)))
-        if not items and not extras:
-            items.append(("dense", width, pick(hidden)))
-        for extra in extras:
-            items.insert(integer(0, len(items)), extra)
-        return tuple(items)
+        return _draw_block(integer, pick, hidden, width, nested)
 
     layers = list(front)
     for _ in range(depth - 1 - (trailing is not None)):

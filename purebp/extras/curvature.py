@@ -35,6 +35,10 @@ References: Dangel, Kunstner & Hennig, "BackPACK: Packing more into backprop"
 (ICLR 2020), whose definitions and scaling these follow number for number;
 Dangel, Harmeling & Hennig, "Modular block-diagonal curvature approximations
 for feedforward architectures" (AISTATS 2020) for the Hessian backpropagation.
+
+Why one module of ~620 lines: every quantity is one more sweep of the same column machinery (the
+columns, the loss Hessian's factor, the residual visit); split, the sweeps would import each other's
+internals.
 """
 
 from __future__ import annotations
