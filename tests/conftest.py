@@ -177,10 +177,9 @@ def pytest_terminal_summary(terminalreporter):
         total = sum(BACKGROUND.seconds.values())
         terminalreporter.write_line(
             f"background runs (conftest.Background): {len(BACKGROUND.seconds)} runs, {total:.1f} s of wall time "
-            f"beside the in-process tests; slowest: "
+            f"beside the in-process tests (not in --durations, which shows only the wait); each, slowest first: "
             + ", ".join(
-                f"{name} {seconds:.1f} s"
-                for name, seconds in sorted(BACKGROUND.seconds.items(), key=lambda x: -x[1])[:3]
+                f"{name} {seconds:.1f} s" for name, seconds in sorted(BACKGROUND.seconds.items(), key=lambda x: -x[1])
             )
         )
 
