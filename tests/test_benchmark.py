@@ -63,6 +63,7 @@ def _tables(markdown: str) -> list[list[list[str]]]:
     return tables
 
 
+@pytest.mark.slow
 @uses_quick_run
 def test_quick_run_writes_well_formed_tables(quick_run):
     out, _ = quick_run
@@ -91,6 +92,7 @@ def test_quick_run_writes_well_formed_tables(quick_run):
     assert out.with_suffix(".csv").read_text().splitlines()[0].startswith("table,config,contender")
 
 
+@pytest.mark.slow
 @uses_quick_run
 def test_every_contender_computes_the_same_gradient(quick_run):
     # float32: per-leaf relative L2 error against purebp's gradient within 1e-4 (a wrong contender is ~1)

@@ -54,6 +54,7 @@ def conv_block() -> str:
 CONV_RUN = dict(command=[sys.executable, "-c", conv_block()], timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.background("README: 1-D convolution and pooling", **CONV_RUN)
 def test_conv_example_runs(background):
     result = background.result("README: 1-D convolution and pooling", **CONV_RUN).process
@@ -83,6 +84,7 @@ def own_backprop_runs() -> dict:
 OWN_BACKPROP_RUNS = own_backprop_runs()
 
 
+@pytest.mark.slow
 @pytest.mark.background(
     "README: test_my_backprop.py under pytest", **OWN_BACKPROP_RUNS["README: test_my_backprop.py under pytest"]
 )
