@@ -317,6 +317,7 @@ def test_command_line_exit_status_and_report(tmp_path, capsys):
     assert "no function 'missing'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_registered_activation_is_used_by_name():
     import purebp as pb
 

@@ -113,6 +113,7 @@ def test_every_contender_computes_the_same_gradient(quick_run):
     assert all(isinstance(target["passed"], bool) for target in result["targets"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hidden", ["tanh", "relu", "sigmoid"])
 def test_idiomatic_baseline_is_purebps_function(hidden, broadcasting):
     # float64: the idiomatic loss and its jax.grad equal purebp's value_and_grad, relative L2 1e-10 per leaf
@@ -133,6 +134,7 @@ def test_idiomatic_baseline_is_purebps_function(hidden, broadcasting):
     assert error <= 1e-10, (hidden, error)
 
 
+@pytest.mark.slow
 def test_a_wrong_baseline_shows_in_the_error_column(monkeypatch, broadcasting):
     # the error column is what would catch a baseline that computes another function: here tanh swapped for sigmoid
     config = benchmark.CONFIGS["tiny"]

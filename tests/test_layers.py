@@ -341,6 +341,7 @@ def test_a_dropout_run_cut_mid_epoch_resumes_bit_for_bit(tmp_path):
     assert _same(whole, resumed)
 
 
+@pytest.mark.slow
 def test_resuming_with_a_changed_layer_is_refused_naming_it_and_a_custom_layer_resumes(tmp_path):
     x, y = _data(n=12)
     run = dict(loss="softmax_cross_entropy", optimizer=optax.sgd(0.1), batch_size=4, key=jax.random.key(1))

@@ -370,6 +370,7 @@ def oracle_report(case):
     return float(value_h), value_o, leaves
 
 
+@pytest.mark.slow
 @needs_oracle
 @settings(max_examples=8)
 @given(stack_specs(**BOUNDS, dtypes=("float64",)))

@@ -335,6 +335,7 @@ def readme_mixed_precision() -> dict:
     return dict(command=[sys.executable, "-c", code], timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.background("README: Mixed precision", **readme_mixed_precision())  # beside the in-process tests
 def test_readme_mixed_precision_example_runs(background):
     """The README's example, in a fresh process (default JAX settings: no x64, so the reference is float32)."""

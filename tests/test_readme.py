@@ -36,6 +36,7 @@ def test_use_it_from_python_example_runs(background):
     assert "PASS" in result.stdout  # the printed check_gradients report
 
 
+@pytest.mark.slow
 @in_background("## Layers: residual, layer norm, dropout, your own")
 def test_layers_example_runs(background):
     """The residual + layer norm + dropout network: gradient check passes, fit trains, evaluate runs."""
@@ -116,6 +117,7 @@ def test_curvature_example_runs(background):
     assert "median SNR of W1:" in result.stdout and "GGN-CG step norm:" in result.stdout
 
 
+@pytest.mark.slow
 @in_background("### One use that shows why: curvature as an optax preconditioner")
 def test_preconditioner_example_runs(background):
     """The diagonal-GGN and K-FAC preconditioners as optax transformations: 20 K-FAC steps lower the loss."""
