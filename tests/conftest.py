@@ -1,4 +1,8 @@
-"""Test-suite settings: float64 on, strict promotion, hypothesis profiles.
+"""Test-suite settings: float64 on, strict promotion, hypothesis profiles, the background runner.
+
+Two tiers (pyproject.toml, [tool.pytest.ini_options]): `python -m pytest` runs the default tier, every test
+not marked `slow` or `peer`; `python -m pytest -m slow` runs the long sweeps (a command-line -m replaces the
+one in addopts). `-m peer` runs the PyTorch comparisons (needs the bench extra).
 
 JAX settings must precede the first array, so they are set at import time.
 """
@@ -149,7 +153,9 @@ class Background:
 BACKGROUND = Background()
 
 
-@pytest.hookimpl(trylast=True)  # after -k/-m deselection: only the selected tests' runs are queued
+# trylast: after -k/-m deselection, so only the selected tests' runs are queued; the default tier
+# (addopts: -m 'not peer and not slow') never starts a slow test's run (tests/test_suite_tiers.py checks it)
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     marked = [item for item in items if item.get_closest_marker("background") is not None]
     if not marked or config.option.collectonly:
@@ -177,10 +183,9 @@ def pytest_terminal_summary(terminalreporter):
         total = sum(BACKGROUND.seconds.values())
         terminalreporter.write_line(
             f"background runs (conftest.Background): {len(BACKGROUND.seconds)} runs, {total:.1f} s of wall time "
-            f"beside the in-process tests; slowest: "
+            f"beside the in-process tests (not in --durations, which shows only the wait); each, slowest first: "
             + ", ".join(
-                f"{name} {seconds:.1f} s"
-                for name, seconds in sorted(BACKGROUND.seconds.items(), key=lambda x: -x[1])[:3]
+                f"{name} {seconds:.1f} s" for name, seconds in sorted(BACKGROUND.seconds.items(), key=lambda x: -x[1])
             )
         )
 

@@ -332,6 +332,7 @@ def test_the_command_is_a_subcommand_of_purebp_with_the_kits_choices(capsys):
     assert not hasattr(kit, "main_check_backprop")  # the kit keeps the library; the command line is cli's
 
 
+@pytest.mark.slow
 def test_a_registered_activation_is_used_by_name():
     import purebp as pb
 

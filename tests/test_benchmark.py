@@ -61,6 +61,7 @@ def _tables(markdown: str) -> list[list[list[str]]]:
     return tables
 
 
+@pytest.mark.slow
 @uses_quick_run
 def test_quick_run_writes_well_formed_tables(quick_run):
     out, _ = quick_run
@@ -89,6 +90,7 @@ def test_quick_run_writes_well_formed_tables(quick_run):
     assert out.with_suffix(".csv").read_text().splitlines()[0].startswith("table,config,contender")
 
 
+@pytest.mark.slow
 @uses_quick_run
 def test_every_contender_computes_the_same_gradient(quick_run):
     # float32: per-leaf relative L2 error against purebp's gradient within 1e-4 (a wrong contender is ~1)
@@ -109,6 +111,7 @@ def test_every_contender_computes_the_same_gradient(quick_run):
     assert all(isinstance(target["passed"], bool) for target in result["targets"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hidden", ["tanh", "relu", "sigmoid"])
 def test_idiomatic_baseline_is_purebps_function(hidden, broadcasting):
     # float64: the idiomatic loss and its jax.grad equal purebp's value_and_grad, relative L2 1e-10 per leaf
@@ -129,6 +132,7 @@ def test_idiomatic_baseline_is_purebps_function(hidden, broadcasting):
     assert error <= 1e-10, (hidden, error)
 
 
+@pytest.mark.slow
 def test_a_wrong_baseline_shows_in_the_error_column(monkeypatch, broadcasting):
     # the error column is what would catch a baseline that computes another function: here tanh swapped for sigmoid
     config = benchmark.CONFIGS["tiny"]

@@ -120,6 +120,7 @@ def stacks(draw):
     return n_in, items, draw(st.sampled_from(["float32", "float64"])), draw(st.integers(0, 2**16))
 
 
+@pytest.mark.slow
 @settings(max_examples=12)
 @given(stacks())
 def test_random_sequential_round_trip_is_bit_identical(tmp_path_factory, case):

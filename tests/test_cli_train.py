@@ -14,6 +14,7 @@ from purebp.cli import main
 SHORT = ["train", "--dataset", "synthetic", "--sizes", "20,16,4", "--steps", "40", "--batch-size", "50"]
 
 
+@pytest.mark.slow
 def test_train_writes_json_plot_and_checkpoint(tmp_path, capsys):
     out, plot, checkpoint = tmp_path / "run.json", tmp_path / "curves.png", tmp_path / "run.ckpt"
     code = main(SHORT + ["--optimizer", "adam", "--lr", "0.01", "--json", str(out), "--plot", str(plot),
@@ -83,6 +84,7 @@ def test_the_installed_command_runs_in_a_fresh_process(background):
     assert json.loads(out.read_text())["config"]["gradient"] == "autodiff"
 
 
+@pytest.mark.slow
 def test_resume_continues_says_so_and_names_a_changed_flag(tmp_path, capsys):
     checkpoint = str(tmp_path / "run.ckpt")
     first = ["train", "--dataset", "synthetic", "--sizes", "20,16,4", "--batch-size", "50", "--checkpoint", checkpoint]

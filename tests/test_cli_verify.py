@@ -175,6 +175,7 @@ def stack_specs_drawn(trials: int = 8) -> list:
     ]
 
 
+@pytest.mark.slow
 def test_layers_all_checks_stacks_and_prints_each_architecture_last(capsys):
     specs = stack_specs_drawn()
     assert any("r(" in spec.notation for spec in specs) and any("ln" in spec.notation for spec in specs)
@@ -203,6 +204,7 @@ def dense_upstream_of_layer_norm(spec) -> bool:
     return "dense" in upstream or "conv1d" in upstream
 
 
+@pytest.mark.slow
 def test_layers_all_flags_a_layer_norm_backward_without_its_mean_term(capsys, monkeypatch):
     """Exactly the stacks with a dense layer upstream of a layer norm are flagged (there the dropped term
     reaches a parameter), with a line that rebuilds each one; the exit code is 1."""

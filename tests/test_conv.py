@@ -125,6 +125,7 @@ def test_a_wrong_conv_backward_is_caught_and_named():
 # ---------------------------------------------------------------- whole networks: jax.grad and the NumPy oracle
 
 
+@pytest.mark.slow
 @settings(max_examples=10)
 @given(stack_specs(conv=True, dtypes=("float64",), max_depth=3, max_width=6, max_batch=4))
 def test_random_conv_stacks_match_autodiff(spec):
@@ -224,6 +225,7 @@ def test_forward_and_gradients_equal_pytorch_with_the_same_weights():
 # ---------------------------------------------------------------- per-example gradients, DP-SGD, checkpoints
 
 
+@pytest.mark.slow
 def test_per_example_grads_and_both_norm_forms_match_vmap_of_grad():
     rng = np.random.default_rng(5)
     # the first conv has few positions and wide channels (the Gram form is cheaper), the second many positions
@@ -309,6 +311,7 @@ MESH_RUN = dict(
 )  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.background("conv: fit on 8 devices", **MESH_RUN)
 def test_fit_on_a_mesh_trains_a_cnn_as_one_device_does(background):
     """fit(mesh=8 simulated devices) on a conv + max-pool network ends where fit on one device ends (float64,
@@ -416,6 +419,7 @@ def test_stack_spec_notation_and_replay_for_conv_stacks():
 # ---------------------------------------------------------------- the experiments, in --quick mode
 
 
+@pytest.mark.slow
 def test_the_conv_equivalence_and_benchmark_experiments_run_quick(tmp_path):
     from experiments import benchmark_conv, equivalence
 

@@ -360,6 +360,7 @@ def test_every_quantity_matches_its_oracle(name):
     check_against_oracle(fixed(name), FIXED[name][1])
 
 
+@pytest.mark.slow
 @settings(max_examples=2)
 @given(stack_specs(dtypes=("float64",), max_depth=3, max_width=4, max_batch=3, conv=None))
 def test_random_stacks_match_their_oracles(spec):

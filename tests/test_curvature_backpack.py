@@ -1,6 +1,6 @@
 """purebp's curvature quantities against BackPACK itself (issue 14), number for number, in float32.
 
-Marked ``peer``: skipped by the default run (``addopts = -m 'not peer'``); run them with
+Marked ``peer``: skipped by the default run (``addopts = -m 'not peer and not slow'``); run them with
 ``python -m pytest -m peer tests/test_curvature_backpack.py``. They need PyTorch and BackPACK (the ``bench``
 extra); without them the tests are skipped with the reason.
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # 8-device runs in fresh processes: `python -m pytest -m slow`
 
 
 def devices_run(code: str, devices: int = 8) -> dict:

@@ -106,6 +106,7 @@ def check_png(path: Path) -> None:
     assert pixels.min() < pixels.max(), f"{path.name}: a blank image"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param(name, marks=quick(name)) for name in SCRIPTS])
 def test_quick_run_writes_well_formed_outputs(name, outputs):
     out = outputs(name)
@@ -120,6 +121,7 @@ def test_quick_run_writes_well_formed_outputs(name, outputs):
 AGAIN = "experiments.learning_rate --quick, a second time"
 
 
+@pytest.mark.slow
 @quick("learning_rate")
 @pytest.mark.background(AGAIN, **quick_run("learning_rate"))
 def test_same_seed_same_results(outputs, background):
@@ -140,6 +142,7 @@ def test_template_is_short():
 # ---------------------------------------------------------------- residual and layer-norm studies (issue 12)
 
 
+@pytest.mark.slow
 @quick("mnist1d_residual")
 def test_mnist1d_residual_quick_writes_well_formed_outputs(outputs):
     """mnist1d_residual --quick: CSV, Markdown, PNG and JSON, one purebp run of the authors' MLP that learned."""
@@ -257,6 +260,7 @@ def test_vanishing_gradients_residual_ratio_uses_dense_deltas_and_does_not_vanis
 # ---------------------------------------------------------------- learning rules (issue 16)
 
 
+@pytest.mark.slow
 def test_learning_rules_quick_writes_well_formed_outputs(outputs):
     """learning_rules --quick: CSV, Markdown, PNG; one row per rule, the output layer's update angle 0 under each."""
     out = outputs("learning_rules")

@@ -195,6 +195,7 @@ def test_dropout_masks_come_from_the_key_bit_for_bit_and_no_key_is_inference():
     assert set(np.round(kept, 12)) <= {0.0, 2.0}  # inverted: kept units are scaled by 1 / (1 - 0.5)
 
 
+@pytest.mark.slow
 def test_a_batch_in_shards_draws_the_masks_of_the_whole_batch():
     """What fit(mesh=) relies on: shard s, starting at example offset, draws the masks the whole batch draws."""
     net = _resnet(dropout=0.5)
@@ -231,6 +232,7 @@ def test_a_bad_key_is_refused():
 # ---------------------------------------------------------------- per-example quantities
 
 
+@pytest.mark.slow
 def test_per_example_grads_norms_and_dp_on_a_residual_layer_norm_dropout_network():
     net = _resnet()
     x, y = _data()
@@ -315,6 +317,7 @@ def test_a_custom_layer_trains_and_a_wrong_one_is_refused_by_fit_with_its_report
 # ---------------------------------------------------------------- fit with dropout
 
 
+@pytest.mark.slow
 def test_fit_needs_a_key_for_dropout_and_is_reproducible_with_one():
     net = _resnet()
     x, y = _data(n=12)
@@ -329,6 +332,7 @@ def test_fit_needs_a_key_for_dropout_and_is_reproducible_with_one():
     assert not _same(a, c)  # the masks were on
 
 
+@pytest.mark.slow
 def test_a_dropout_run_cut_mid_epoch_resumes_bit_for_bit(tmp_path):
     net = _resnet()
     x, y = _data(n=12)
@@ -340,6 +344,7 @@ def test_a_dropout_run_cut_mid_epoch_resumes_bit_for_bit(tmp_path):
     assert _same(whole, resumed)
 
 
+@pytest.mark.slow
 def test_resuming_with_a_changed_layer_is_refused_naming_it_and_a_custom_layer_resumes(tmp_path):
     x, y = _data(n=12)
     run = dict(loss="softmax_cross_entropy", optimizer=optax.sgd(0.1), batch_size=4, key=jax.random.key(1))

@@ -169,6 +169,7 @@ def test_the_generator_reaches_every_layer_kind_activation_and_loss():
 # ---------------------------------------------------------------- against jax.grad
 
 
+@pytest.mark.slow
 @settings(max_examples=14)
 @given(stack_specs(**BOUNDS))
 def test_random_stacks_match_autodiff(spec):
@@ -207,6 +208,7 @@ def test_dropout_same_key_same_gradient_bit_for_bit_and_no_key_is_inference():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.slow
 @settings(max_examples=4)
 @given(stack_specs(**BOUNDS, with_key=True).filter(lambda spec: spec.has_dropout))
 def test_random_stacks_with_dropout_masks_match_autodiff(spec):
@@ -368,6 +370,7 @@ def oracle_report(case):
     return float(value_h), value_o, leaves
 
 
+@pytest.mark.slow
 @needs_oracle
 @settings(max_examples=8)
 @given(stack_specs(**BOUNDS, dtypes=("float64",)))
@@ -389,6 +392,7 @@ def test_the_numpy_layer_oracle_sees_a_wrong_layer_norm_backward():
 # ---------------------------------------------------------------- the experiment
 
 
+@pytest.mark.slow
 def test_the_stack_equivalence_experiment_runs_quick(tmp_path):
     assert equivalence.main(["--layers", "all", "--quick", "--out", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [

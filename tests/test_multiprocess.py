@@ -26,6 +26,7 @@ from purebp.cli import main
 from purebp.cli.launch import free_loopback_port, launch
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # multi-process runs: `python -m pytest -m slow`
 HEARTBEAT = 4
 EPOCHS = 16  # 4 steps of 400 examples per epoch on the 1600 synthetic examples
 RUN = ["train", "--dataset", "synthetic", "--sizes", "20,8,4", "--batch-size", "400", "--dtype", "float64",

@@ -65,6 +65,7 @@ def assert_tree_close(actual, expected, tolerance, floor, what):
 # ---------------------------------------------------------------- per-example gradients and norms
 
 
+@pytest.mark.slow
 @settings(max_examples=10)
 @given(case=cases(dtypes=("float32", "float64"), max_depth=4, max_width=12, max_batch=12))
 def test_per_example_grads_and_norms_match_vmap_of_grad(case):
@@ -154,6 +155,7 @@ def _raise(*args, **kwargs):
     raise AssertionError("autodiff was called")
 
 
+@pytest.mark.slow
 def test_no_autodiff_anywhere(monkeypatch):
     # JAX's autodiff entry points and internals replaced by functions that raise: a fresh architecture
     # still gets its per-example gradients, norms and DP step (and the patch is live)
@@ -204,6 +206,7 @@ DP_SPECS = [
 _loss_function = jax.jit(check.loss_function, static_argnames=("loss", "reduction"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", DP_SPECS, ids=lambda spec: f"{spec.dtype}-{'-'.join(map(str, spec.sizes))}")
 def test_dp_gradient_equals_optax_differentially_private_aggregate(spec):
     spec = CaseSpec(**{**spec.__dict__, "batch": max(spec.batch, 4)})
@@ -225,6 +228,7 @@ def test_dp_gradient_equals_optax_differentially_private_aggregate(spec):
     np.testing.assert_allclose(value, _loss_function(net, x, y, loss, "mean"), rtol=tolerance)
 
 
+@pytest.mark.slow
 def test_dp_reduction_sum_is_n_times_the_mean():
     # reduction="sum": the sum_n min(1, c/||g_n||) g_n + sigma c xi, without optax's / N
     case = make_case(DP_SPECS[0])
@@ -236,6 +240,7 @@ def test_dp_reduction_sum_is_n_times_the_mean():
     assert_tree_close(rescaled, mean, 1e-10, 1e-6, "reduction='sum' / N vs 'mean'")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip", [0.0, 0.5])
 def test_dp_zero_gradient_examples_are_handled_like_optax(clip):
     # an example whose output equals its target has g_n = 0: c / 0 = inf (and 0 / 0 = NaN) both mean "not clipped"
@@ -250,6 +255,7 @@ def test_dp_zero_gradient_examples_are_handled_like_optax(clip):
     assert_tree_close(grads, expected, 1e-10, 1e-6, f"clip={clip}")
 
 
+@pytest.mark.slow
 def test_dp_sgd_step_reproduces_optax_chain_over_several_steps():
     case = make_case(
         CaseSpec(sizes=(6, 10, 4), activations=("tanh", "identity"), loss="softmax_cross_entropy", batch=9, seed=2)

@@ -53,6 +53,7 @@ def assert_leaves_close(actual, expected, *, tolerance: float, floor: float, con
 # ---------------------------------------------------------------- parameters
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", LOW)
 def test_init_mlp_draws_in_float32_and_rounds_once(dtype):
     """16-bit weights are the float32 draw rounded: full normal tails (a direct bfloat16 draw stops at 2.9 s)."""
@@ -82,6 +83,7 @@ def test_a_float8_network_is_refused_before_compiling():
 # ---------------------------------------------------------------- check_gradients in 16 bits
 
 
+@pytest.mark.slow
 @settings(max_examples=4)
 @given(cases(dtypes=LOW, max_depth=4, max_width=32, max_batch=32))
 def test_check_gradients_passes_at_the_stated_16_bit_tolerance(case):
@@ -118,6 +120,7 @@ BROKEN = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bug", BROKEN)
 @pytest.mark.parametrize("dtype", LOW)
 def test_a_wrong_derivative_is_caught_at_the_16_bit_tolerance(monkeypatch, bug, dtype):
@@ -140,6 +143,7 @@ def test_a_wrong_derivative_is_caught_at_the_16_bit_tolerance(monkeypatch, bug, 
 # ---------------------------------------------------------------- accuracy against float64
 
 
+@pytest.mark.slow
 @settings(max_examples=4)
 @given(
     cases(
@@ -174,6 +178,7 @@ MIXED_SPECS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", MIXED_SPECS, ids=lambda spec: "-".join(map(str, spec.sizes)))
 @pytest.mark.parametrize("compute", LOW)
 def test_mixed_gradient_is_float32_and_close_to_the_float32_gradient(spec, compute):
@@ -189,6 +194,7 @@ def test_mixed_gradient_is_float32_and_close_to_the_float32_gradient(spec, compu
     assert any(not np.array_equal(a, b) for a, b in zip(leaves64(grads), leaves64(grads32)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compute", LOW)
 def test_mixed_gradient_at_its_own_dtype_is_purebps_pass(compute):
     """Master already 16-bit: nothing to cast, the result is pb.value_and_grad's bit for bit."""
@@ -200,6 +206,7 @@ def test_mixed_gradient_at_its_own_dtype_is_purebps_pass(compute):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_a_power_of_two_loss_scale_is_exact():
     """float64 master, float32 compute (nothing under- or overflows): grads with S = 2^12 equal S = 1 bit for bit."""
     case = make_case(dataclasses.replace(MIXED_SPECS[1], dtype="float64"))
@@ -295,6 +302,7 @@ def test_make_train_step_refuses_what_it_cannot_mix():
         pb.make_train_step(optax.sgd(0.1), loss="mse", compute_dtype="bfloat16", mesh=pb.make_data_mesh())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compute", LOW)
 def test_mixed_training_under_jit_and_scan_reduces_the_loss(compute):
     """60 Adam steps of one jitted lax.scan on a small classification problem, float32 master, 16-bit compute."""
@@ -327,6 +335,7 @@ def readme_mixed_precision() -> dict:
     return dict(command=[sys.executable, "-c", code], timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.background("README: Mixed precision", **readme_mixed_precision())  # beside the in-process tests
 def test_readme_mixed_precision_example_runs(background):
     """The README's example, in a fresh process (default JAX settings: no x64, so the reference is float32)."""

@@ -207,6 +207,7 @@ def test_bad_hyperparameters_are_refused_when_built(factory, build, error, match
         build(factory)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decay", [None, 0.5])
 def test_traced_hyperparameters_under_inject_hyperparams_give_the_same_steps(decay):
     """optax.inject_hyperparams checks the values at init and passes them traced to update: same arithmetic."""

@@ -166,6 +166,7 @@ def test_use_it_from_python_example_runs(background):
 
 
 @in_background("## Layers and your own layers")
+@pytest.mark.slow
 def test_layers_example_runs(background):
     """The residual + layer norm + dropout network: gradient check passes, fit trains, evaluate runs."""
     result = run_block(background, "## Layers and your own layers")
@@ -184,6 +185,7 @@ CONV_RUN = dict(command=[sys.executable, "-c", conv_block()], timeout=300)
 
 
 @pytest.mark.background("README: ### 1-D convolution and pooling", **CONV_RUN)
+@pytest.mark.slow
 def test_conv_example_runs(background):
     result = background.result("README: ### 1-D convolution and pooling", **CONV_RUN).process
     assert result.returncode == 0, result.stderr
@@ -230,6 +232,7 @@ def own_backprop_runs() -> dict:
 OWN_BACKPROP_RUNS = own_backprop_runs()
 
 
+@pytest.mark.slow
 @pytest.mark.background(
     "README: ## Testing your own backprop", **OWN_BACKPROP_RUNS["README: test_my_backprop.py under pytest"]
 )
@@ -281,6 +284,7 @@ def test_curvature_example_runs(background):
 
 
 @in_background("## Preconditioning: curvature as an optax transformation")
+@pytest.mark.slow
 def test_preconditioner_example_runs(background):
     """The diagonal-GGN and K-FAC preconditioners as optax transformations: 20 K-FAC steps lower the loss."""
     result = run_block(background, "## Preconditioning: curvature as an optax transformation")

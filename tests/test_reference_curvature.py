@@ -57,6 +57,7 @@ def flat(tree) -> np.ndarray:
     return np.asarray(ravel_pytree(tree)[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sizes, hidden, loss, reduction", ARCHITECTURES)
 def test_every_quantity_matches_the_explicit_jacobian_oracle(sizes, hidden, loss, reduction):
     net, x, y, x_np, targets = problem(sizes, hidden, loss)
@@ -82,6 +83,7 @@ def test_every_quantity_matches_the_explicit_jacobian_oracle(sizes, hidden, loss
         assert relative(expected["diag_hessian"], expected["diag_ggn"]) > 1e-3
 
 
+@pytest.mark.slow
 def test_the_oracle_agrees_with_autodiff():
     """The oracle is checked once against jax.hessian and jax.vmap(jax.grad) of purebp's forward pass."""
     sizes, hidden, loss, reduction = ARCHITECTURES[0]

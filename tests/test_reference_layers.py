@@ -269,6 +269,7 @@ def failure(layers, x, y, loss, reduction, errors, against: str = "jax.grad") ->
 # ---------------------------------------------------------------- (1) random stacks against jax.grad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(N_CASES))
 def test_oracle_equals_jax_grad_on_random_layer_stacks(seed):
     case = seeded_case(seed)

@@ -77,6 +77,7 @@ def jnp_pseudo_huber_grad(z, a, y):
 # ---------------------------------------------------------------- replacing a registration (issue 12, item 6)
 
 
+@pytest.mark.slow
 def test_overwritten_activation_is_used_by_programs_compiled_before():
     """Old code: the jit caches key on the name, so the second registration's G and G' were never traced."""
     name = "test_registry_overwritten_activation"
@@ -139,6 +140,7 @@ def test_clear_caches_calls_jax_and_every_registered_clearer(monkeypatch):
 # ---------------------------------------------------------------- register_loss
 
 
+@pytest.mark.slow
 def test_a_registered_cost_with_grad_output_matches_autodiff_and_trains():
     name = "test_registry_pseudo_huber"
     pb.register_loss(name, jnp_pseudo_huber, grad_output=jnp_pseudo_huber_grad, overwrite=True)
@@ -155,6 +157,7 @@ def test_a_registered_cost_with_grad_output_matches_autodiff_and_trains():
     assert history["train_loss"][-1] < history["train_loss"][0]
 
 
+@pytest.mark.slow
 def test_a_registered_cost_with_output_delta_equals_the_builtin_it_copies():
     """binary cross-entropy and cross-entropy on softmax, registered by hand: the built-ins' gradients."""
     pb.register_loss(

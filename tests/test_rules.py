@@ -65,6 +65,7 @@ def assert_relative(actual, expected, tolerance=1e-10):
 # ---------------------------------------------------------------- exact answers
 
 
+@pytest.mark.slow
 def test_feedback_weights_is_backprop_bit_for_bit_over_a_training_run():
     """feedback="weights": M^{l+1} is the current W^{l+1} at every step, so 4 epochs of Adam are backprop's bits."""
     net, (x, y) = mlp(), batch(n=36)
@@ -96,6 +97,7 @@ def test_fixed_feedback_equal_to_the_weights_is_backprop_only_while_it_equals_th
     assert not np.array_equal(once.layers[0].w, reference.layers[0].w)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dfa_with_one_hidden_layer_is_fa_with_the_same_matrix(seed):
     """One hidden layer: DFA's e @ F^1 and FA's delta^2 @ M^2 are the same product when F^1 = M^2 (e = delta^2).
@@ -114,6 +116,7 @@ def test_dfa_with_one_hidden_layer_is_fa_with_the_same_matrix(seed):
     assert_trees_equal(pb.grad(net, x, y, loss=LOSS, rule=own), true_grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("network", ["mlp", "dropout stack"])
 def test_output_layer_update_is_the_true_gradient_under_every_rule(network):
     """The loss and the output layer's update are backprop's bits; the first layer's differ (but for backprop).
@@ -136,6 +139,7 @@ def test_output_layer_update_is_the_true_gradient_under_every_rule(network):
         assert hidden_equal == (kind == "backprop"), kind
 
 
+@pytest.mark.slow
 def test_sign_symmetry_on_weights_of_magnitude_c_is_backprop_rescaled_exactly():
     """All weights +-c with c = 1/4: sign(W) = W / c, so layer l's delta is backprop's times c^-(L-1-l), exactly
     (a power of two); the feedback angles are 0."""
@@ -193,6 +197,7 @@ def test_every_rule_matches_the_independent_numpy_oracle(kind, seed):
     assert np.isnan(float(angles.feedback[0]))
 
 
+@pytest.mark.slow
 def test_random_feedback_has_the_weights_distribution():
     """FA's M^{l+1} is drawn like W^{l+1} (He for relu, Glorot otherwise); DFA's F^l ~ N(0, 1/n_L).
 
@@ -353,6 +358,7 @@ def _raise(*args, **kwargs):
     raise AssertionError("autodiff was called")
 
 
+@pytest.mark.slow
 def test_no_autodiff_in_the_rules(monkeypatch):
     """JAX's autodiff entry points and internals replaced by functions that raise: every rule still runs on a
     fresh architecture, its program has no custom_jvp/custom_vjp, and rules.py names no autodiff function."""

@@ -10,11 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import purebp as pb
 from purebp.testing import CaseSpec, make_case
 
 
+@pytest.mark.slow
 def test_vmapped_sweep_over_seeds_and_rates_equals_separate_fits():
     case = make_case(CaseSpec(sizes=(5, 9, 3), activations=("tanh", "identity"), loss="softmax_cross_entropy",
                               dtype="float64", batch=40))  # fmt: skip

@@ -48,6 +48,7 @@ def _classification(dtype="float32", n=96, sizes=(6, 12, 4), seed=0):
 # ---------------------------------------------------------------- determinism
 
 
+@pytest.mark.slow
 def test_same_key_gives_bit_identical_parameters_and_history():
     net, x, y = _classification()
     options = dict(loss="softmax_cross_entropy", optimizer=optax.adam(1e-2), epochs=4, batch_size=16, eval=(x, y))
@@ -74,6 +75,7 @@ def test_input_network_is_untouched_and_training_lowers_the_loss():
 # ---------------------------------------------------------------- the step is the notes' update
 
 
+@pytest.mark.slow
 def test_full_batch_fit_is_plain_gradient_descent():
     """fit with the default optimizer and no batch_size is theta <- theta - eta grad L, step by step (jitted loop)."""
     net, x, y = _classification(dtype="float64")
@@ -106,6 +108,7 @@ def test_make_train_step_is_pure_and_jittable():
     np.testing.assert_allclose(float(first[2]["loss"]), float(expected_loss), rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_steps_mode_runs_exactly_that_many_steps():
     net, x, y = _classification(n=50)
     _, history = pb.fit(net, (x, y), loss="softmax_cross_entropy", steps=10, batch_size=16, key=jax.random.key(0))
@@ -117,6 +120,7 @@ def test_steps_mode_runs_exactly_that_many_steps():
 # ---------------------------------------------------------------- hand-written vs autodiff over a run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_handwritten_and_autodiff_trajectories_agree_in_float64(seed):
     rng = np.random.default_rng(100 + seed)
@@ -162,6 +166,7 @@ def test_fit_refuses_to_train_when_the_gradient_is_wrong(monkeypatch):
 # ---------------------------------------------------------------- divergence
 
 
+@pytest.mark.slow
 def test_divergence_names_step_and_epoch_and_returns_the_last_finite_parameters(tmp_path):
     spec = CaseSpec(sizes=(4, 8, 3), activations=("identity", "identity"), loss="mse", dtype="float32", batch=40)
     case = make_case(spec)

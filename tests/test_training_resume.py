@@ -38,6 +38,7 @@ OPTIONS = dict(loss="softmax_cross_entropy", batch_size=16, key=jax.random.key(5
 # ---------------------------------------------------------------- resume always continues
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, then", [(20, 40), (4, 5), (3, 9), (6, 13), (1, 2)])
 def test_a_run_cut_mid_epoch_extends_bit_for_bit_like_the_longer_run(tmp_path, first, then):
     net, x, y = _classification()
