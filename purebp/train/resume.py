@@ -128,7 +128,7 @@ def restore(run: Any, config: dict, opt_state: Any, net: AnyNetwork) -> tuple[An
         run.say(f"no checkpoint at {path}: starting fresh")
         return None
     # a Sequential may hold layers of the user's own, which only the network given to fit can rebuild
-    template = net
+    template = None if is_mlp(net) else net  # an MLP is rebuilt from the file: a changed width is named by the config
     saved = _checkpoint.load_checkpoint(path, net_template=template)  # settings first: they name what differs
     check_resumable(saved, config, run)
     restored = _checkpoint.load_checkpoint(path, opt_state_template=opt_state, net_template=template)
