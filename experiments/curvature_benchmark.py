@@ -28,7 +28,7 @@ Every exact quantity purebp computes is compared with BackPACK's (and the autodi
 worst per-leaf relative L2 error, which has to stay within float32's 1e-4. The MC quantities cannot match
 number for number (different random draws); their column says how far one MC sample is from the exact value.
 
-The same module holds what ``tests/test_curvature_backpack.py`` uses: the port of a purebp network to PyTorch
+The same module holds what ``tests/extras/test_curvature_backpack.py`` uses: the port of a purebp network to PyTorch
 (``torch_model``), the matching PyTorch loss and the factor that turns BackPACK's numbers into purebp's
 (``to_purebp_scale``), BackPACK's quantities as lists per parameter (``backpack_quantity``) and purebp's in the
 same layout (``purebp_quantity``), and the autodiff oracles. This is a script of the repository, not part of

@@ -19,7 +19,7 @@ upcast exactly for the float32 runs):
 - Monte Carlo (diag_ggn with mc_samples=16, kfac g with mc_samples=16, K = 16 keys):
   unbiasedness, as the statistic z = ||mean_k D_k - D|| / (RMS_k ||D_k - D|| / sqrt(K)),
   the error of the mean of K estimates in units of its predicted RMS; z > 4 counts
-  as a mismatch (tests/test_curvature.py states and calibrates this bound).
+  as a mismatch (tests/extras/test_curvature.py states and calibrates this bound).
 
 Error measure: ||a - b||_2 / max(||b||_2, f ||b_all||_2) per leaf, b the oracle,
 f = 1e-6 (float64) / 1e-3 (float32), as purebp.check; for grad_variance the floor

@@ -3,7 +3,7 @@
 This is the only module of the library that uses JAX's autodiff: it is the
 witness the hand-written pass is compared with, never part of it.
 
-Why one module of ~700 lines: the structural test (tests/test_structure.py) allows autodiff in the
+Why one module of ~700 lines: the structural test (tests/core/test_structure.py) allows autodiff in the
 witnesses only, and keeping every comparison with autodiff here (gradients, a layer's backward, a
 registered G' or cost derivative) keeps that boundary one file wide.
 """

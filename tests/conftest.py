@@ -154,7 +154,7 @@ BACKGROUND = Background()
 
 
 # trylast: after -k/-m deselection, so only the selected tests' runs are queued; the default tier
-# (addopts: -m 'not peer and not slow') never starts a slow test's run (tests/test_suite_tiers.py checks it)
+# (addopts: -m 'not peer and not slow') never starts a slow test's run (tests/project/test_suite_tiers.py checks it)
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     marked = [item for item in items if item.get_closest_marker("background") is not None]

@@ -41,7 +41,6 @@ from jax.flatten_util import ravel_pytree
 from purebp import activations as _activations
 from purebp.check import FAST_COMPILE_OPTIONS
 from purebp.layers import Conv1d, Dense, Residual, example_keys, layer_keys
-from purebp.network import stack
 
 HIGHEST = jax.lax.Precision.HIGHEST
 CE_LOSSES = ("cross_entropy", "softmax_cross_entropy")
@@ -99,7 +98,7 @@ def ravel_numpy(tree) -> np.ndarray:
 
 def f_is_pre_activation(net, loss: str) -> bool:
     """True when f = z^L: a dense output layer and a cross-entropy loss (the cost is convex in the logits)."""
-    return isinstance(stack(net)[-1], Dense) and loss != "mse"
+    return isinstance(net.layers[-1], Dense) and loss != "mse"
 
 
 def _layer_forward(layer, a, keys, eps, counter, records, stop_at_z):
@@ -142,7 +141,7 @@ def _layer_forward(layer, a, keys, eps, counter, records, stop_at_z):
 
 def convex_point(net, x, loss: str, key=None, eps=None, offset=0, records=None):
     """f for every example, (N, k); ``eps``: one perturbation per dense/conv layer added to its z (pre-order)."""
-    layers = stack(net)
+    layers = net.layers
     keys = None if key is None else example_keys(key, x.shape[0], offset)
     records = [] if records is None else records
     counter = [0]
@@ -318,7 +317,7 @@ class Oracle:
                 raise RuntimeError(f"no Kronecker factors for {layer!r}")
             return None
 
-        return tuple(entry(layer) for layer in stack(self.net))
+        return tuple(entry(layer) for layer in self.net.layers)
 
     # where each dense/conv layer's w and b sit in theta (pre-order), for GGN blocks
     def parameter_slices(self) -> list[tuple[slice, slice]]:
@@ -335,7 +334,7 @@ class Oracle:
                 slices.append((slice(offset, offset + sizes[0]), slice(offset + sizes[0], offset + sum(sizes))))
             offset += sum(sizes)
 
-        for layer in stack(self.net):
+        for layer in self.net.layers:
             walk(layer)
         assert offset == self.ggn.shape[0]
         return slices

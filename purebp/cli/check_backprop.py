@@ -12,7 +12,7 @@ import importlib.util
 import sys
 from collections.abc import Callable, Sequence
 
-# the kit's choices, repeated so that the parser (and --help) loads without JAX; tests/test_backprop_kit.py
+# the kit's choices, repeated so that the parser (and --help) loads without JAX; tests/kit/test_backprop_kit.py
 # checks they are the kit's own
 LAYOUTS = ("columns", "rows", "examples")
 DTYPES = ("float64", "float32")

@@ -18,7 +18,7 @@ A row (``Kind``) says, for one initialised layer type:
 Adding a kind is one new file: the layer, its builder, and ``register_kind(Kind(...))`` at the bottom
 (imported from ``purebp/layers/__init__.py``, so the row exists once ``purebp`` is imported).
 ``purebp.train.checkpoint``, ``purebp.testing`` and ``purebp.check`` consult the table only; the generic test
-(tests/test_kinds.py) runs every row through autodiff equivalence, a checkpoint round trip and a notation
+(tests/layers/test_kinds.py) runs every row through autodiff equivalence, a checkpoint round trip and a notation
 round trip. Your own layer kinds may register a row the same way (``builtin=False``, the default: purebp's
 ``fit(verify=True)`` then still checks their backward layer by layer).
 """

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 FENCE = re.compile(r"```(\w*)\n(.*?)```", re.S)
 FRAGMENT = re.compile(r'\A# fragment: continues the example in "([^"]+)"')
@@ -210,7 +210,7 @@ def test_training_from_python_example_runs(background):
 
 @in_background("### Sweeps")
 def test_sweep_example_runs(background):
-    """The vmapped sweep: one loss per (seed, rate) pair (tests/test_sweeps.py checks it equals the runs one by one)."""
+    """The vmapped sweep: one loss per (seed, rate) pair (tests/train/test_sweeps.py: it equals the runs one by one)."""
     result = run_block(background, "### Sweeps")
     assert result.returncode == 0, result.stderr
     assert "(4,)" in result.stdout

@@ -153,7 +153,7 @@ def test_bad_settings_are_refused_with_the_value(keywords, message):
 
 
 def test_central_differences_still_match_a_known_gradient():
-    """The fixed-step per-coordinate oracle used by tests/test_core_gradients.py: grad of sum(p^3) is 3 p^2.
+    """The fixed-step per-coordinate oracle used by tests/core/test_core_gradients.py: grad of sum(p^3) is 3 p^2.
 
     L = 10.5 and step 1e-6: rounding ~eps L / h ~ 2e-9 (absolute) bounds what a fixed step can do here.
     """

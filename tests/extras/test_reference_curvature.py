@@ -3,7 +3,7 @@
 The oracle shares nothing with purebp's column sweeps: it multiplies out every
 example's Jacobians dz^L/dz^l and reads each quantity off its definition. It is
 itself checked against jax.hessian / jax.vmap(jax.grad) once, so that the two
-independent routes (the oracle, and the autodiff witnesses of tests/test_curvature.py)
+independent routes (the oracle, and the autodiff witnesses of tests/extras/test_curvature.py)
 agree with each other and with purebp. Tolerance: relative L2 error 1e-10 per
 quantity over all parameters, float64.
 """

@@ -23,7 +23,7 @@ from purebp.layers import AvgPool1d, Conv1d, MaxPool1d
 from purebp.layers.conv import use_gram_form
 from purebp.testing import StackSpec, assert_case_matches, make_stack_case, random_stack_spec, stack_specs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RNG_SEED = 20261201
 
 

@@ -20,7 +20,7 @@ import pytest
 import purebp
 from experiments import benchmark
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OWN_RATIO = "time / jax.grad of purebp's forward"
 
 

@@ -20,7 +20,7 @@ from purebp import activations
 from purebp.cli import main
 from purebp.testing import cases, random_spec, random_stack_spec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Every check but the first architecture's blocks until the parent closes stdin, so the run cannot
 # end, and flush its buffered output at exit, before the parent has seen the first row: that row

@@ -22,7 +22,7 @@ from purebp import engine as backprop
 from purebp.train import fit as training
 from reference import numpy_rules
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOSS = "softmax_cross_entropy"
 
 
@@ -371,7 +371,7 @@ def test_no_autodiff_in_the_rules(monkeypatch):
     x, y = batch(9, features=11)
     for kind, rule in every_rule(net).items():
         if kind == "backprop":
-            continue  # tests/test_core_jit.py
+            continue  # tests/core/test_core_jit.py
         value, _ = pb.value_and_grad(net, x, y, loss=LOSS, rule=rule)
         assert np.isfinite(float(value))
         jaxpr = str(jax.make_jaxpr(lambda n, r: backprop.loss_and_grads(n, x, y, loss=LOSS, rule=r))(net, rule))

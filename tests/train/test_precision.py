@@ -328,7 +328,7 @@ def test_mixed_training_under_jit_and_scan_reduces_the_loss(compute):
 
 
 def readme_mixed_precision() -> dict:
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = text[text.index("### Mixed precision") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     code += "\nassert metrics['loss'].dtype == net.dtype == grads.layers[0].w.dtype == jnp.float32\n"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ("equivalence", "training_curves", "vanishing_gradients", "learning_rate", "template")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TABLE_RULE = re.compile(r"^\|(\s*:?-{3,}:?\s*\|)+$")

@@ -33,7 +33,7 @@ import purebp as pb
 from purebp.layers import Conv1d, Dense
 from purebp.testing import CaseSpec, StackSpec, make_case, make_stack_case, stack_specs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-10
 FLOOR = 1e-6
 VARIANCE_FLOOR = 1e-5

@@ -292,7 +292,7 @@ def test_a_finished_run_extends_to_more_epochs_exactly_like_the_longer_run(tmp_p
     with pytest.raises(ValueError, match="already holds 30 steps, more than the 12 asked for"):
         pb.fit(net, (x, y), epochs=2, checkpoint=path, resume=True, **options)
     # 20 steps of 6 per epoch end 2 steps into epoch 3: extending finishes that epoch first
-    # (tests/test_training_resume.py checks such extensions bit for bit)
+    # (tests/train/test_training_resume.py checks such extensions bit for bit)
     partial = str(tmp_path / "partial.ckpt")
     pb.fit(net, (x, y), steps=20, checkpoint=partial, **options)
     forty, _ = pb.fit(net, (x, y), steps=40, **options)

@@ -33,7 +33,7 @@ from purebp.testing import (
     stack_specs,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HAS_NUMPY_ORACLE = (ROOT / "reference" / "numpy_layers.py").exists()
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 FD_TOLERANCE = 1e-6

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """
 import sys
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-RAN = Path(__file__).resolve().parent.parent / "slow run ran"
+RAN = Path(__file__).resolve().parents[2] / "slow run ran"
 RUN = dict(command=[sys.executable, "-c", f"open({str(RAN)!r}, 'w').close()"], timeout=60)
 
 

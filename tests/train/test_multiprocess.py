@@ -25,7 +25,7 @@ import purebp as pb
 from purebp.cli import main
 from purebp.cli.launch import free_loopback_port, launch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # multi-process runs: `python -m pytest -m slow`
 HEARTBEAT = 4
 EPOCHS = 16  # 4 steps of 400 examples per epoch on the 1600 synthetic examples

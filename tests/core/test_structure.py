@@ -10,7 +10,7 @@ import pathlib
 
 import pytest
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "purebp"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "purebp"
 
 # floor of each module (dotted, without the leading "purebp."); a package's modules share its floor
 FLOORS = {
@@ -49,7 +49,7 @@ def _name(path: pathlib.Path) -> str:
 def _floor(module: str) -> int:
     head = module.split(".")[0]
     if head not in FLOORS:
-        raise AssertionError(f"purebp.{module} has no floor in tests/test_structure.py: give it one")
+        raise AssertionError(f"purebp.{module} has no floor in tests/core/test_structure.py: give it one")
     return FLOORS[head]
 
 

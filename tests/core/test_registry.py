@@ -339,7 +339,7 @@ def test_the_table_holds_the_loss_to_output_map_once():
 
 
 def readme_custom_cost() -> dict:
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = text[text.index("### Your own cost") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     return dict(command=[sys.executable, "-c", code], timeout=300)

@@ -1,7 +1,7 @@
 """purebp's curvature quantities against BackPACK itself (issue 14), number for number, in float32.
 
 Marked ``peer``: skipped by the default run (``addopts = -m 'not peer and not slow'``); run them with
-``python -m pytest -m peer tests/test_curvature_backpack.py``. They need PyTorch and BackPACK (the ``bench``
+``python -m pytest -m peer tests/extras/test_curvature_backpack.py``. They need PyTorch and BackPACK (the ``bench``
 extra); without them the tests are skipped with the reason.
 
 Each case is a small purebp network (``init_mlp`` with relu / tanh / sigmoid hidden layers, or an
@@ -326,7 +326,7 @@ def test_monte_carlo_mean_equals_backpack_exact(case, quantity):
 
 QUICK_RUN = dict(
     command=[sys.executable, "-m", "experiments.curvature_benchmark", "--quick", "--out", "{out}/curvature_benchmark"],
-    cwd=Path(__file__).resolve().parent.parent,
+    cwd=Path(__file__).resolve().parents[2],
     env={**os.environ, "JAX_PLATFORMS": "cpu"},
     timeout=600,
 )
