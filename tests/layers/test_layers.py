@@ -225,7 +225,8 @@ def test_per_example_and_per_layer_keys_are_fold_ins():
 def test_a_bad_key_is_refused():
     net = _resnet()
     x, y = _data()
-    with pytest.raises(TypeError, match="key must be one JAX random key"):
+    message = r"key must be one JAX random key \(shape \(\)\), got a key array of shape \(2,\)"
+    with pytest.raises(ValueError, match=message):
         pb.value_and_grad(net, x, y, loss="softmax_cross_entropy", key=jax.random.split(jax.random.key(0), 2))
 
 

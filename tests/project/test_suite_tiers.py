@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-RAN = Path(__file__).resolve().parents[2] / "slow run ran"
+RAN = Path(__file__).resolve().parents[1] / "slow run ran"
 RUN = dict(command=[sys.executable, "-c", f"open({str(RAN)!r}, 'w').close()"], timeout=60)
 
 
