@@ -42,9 +42,7 @@ def assert_close_to_oracle(case, oracle_loss, oracle_grads: pb.Sequential, toler
 # ---------------------------------------------------------------- vs jax.grad
 
 
-@settings(max_examples=70)
-@given(cases())
-def test_matches_jax_grad_on_random_architectures(case):
+def _matches_jax_grad(case):
     """Depth 1-8, widths 1-64, any hidden activation, every loss/output pair, batch 1-64, both dtypes/reductions.
 
     Compiled as `purebp verify` compiles a one-off check (fast_compile: the same two functions in one program at
@@ -54,6 +52,20 @@ def test_matches_jax_grad_on_random_architectures(case):
     """
     report = pb.check_gradients(case.net, case.x, case.y, loss=case.loss, reduction=case.reduction, fast_compile=True)
     assert report.tolerance == TOLERANCE[np.dtype(case.spec.dtype)] and report.passed, f"{case}\n{report}"
+
+
+@settings(max_examples=15)
+@given(cases())
+def test_matches_jax_grad_on_random_architectures(case):
+    _matches_jax_grad(case)
+
+
+@pytest.mark.slow
+@settings(max_examples=70)
+@given(cases())
+def test_matches_jax_grad_on_many_random_architectures(case):
+    """The same property on 70 more architectures (the slow tier)."""
+    _matches_jax_grad(case)
 
 
 @settings(max_examples=8)  # every saturating output at +-1e3 also in test_output_at_plus_minus_1e3_is_finite
