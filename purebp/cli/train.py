@@ -272,15 +272,11 @@ def _process_failure_error() -> type:
 
 
 def _digest(net) -> str:
-    import hashlib
-
     import jax
-    import numpy as np
 
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(net):
-        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-    return digest.hexdigest()
+    from purebp.inputs import digest
+
+    return digest(*jax.tree.leaves(net))
 
 
 def _start_processes(args: argparse.Namespace) -> bool:

@@ -18,9 +18,9 @@ import jax
 import numpy as np
 
 from purebp import inputs as _inputs
-from purebp import programs as _programs
 from purebp.extras import rules as _rules
 from purebp.network import AnyNetwork, is_mlp
+from purebp.train import optimizers as _optimizers
 from purebp.train.schedule import positive_int
 
 
@@ -104,7 +104,7 @@ def run_config(net: AnyNetwork, run: Any, opt_state: Any) -> dict:
         "gradient": gradient.source,
         "compute_dtype": gradient.compute_dtype,
         "rule": _rules.describe(gradient.rule),
-        "optimizer": _programs.describe(run.optimizer.update, "update") | _initial_state_scalars(opt_state),
+        "optimizer": _optimizers.describe(run.optimizer.update, "update") | _initial_state_scalars(opt_state),
         "settings": dict(run.checkpoint.settings or {}),
     }
     if run.checkpoint.path is not None:  # a digest of the data costs a pass over it: only when it is compared

@@ -32,7 +32,7 @@ EPOCHS = 16  # 4 steps of 400 examples per epoch on the 1600 synthetic examples
 RUN = ["train", "--dataset", "synthetic", "--sizes", "20,8,4", "--batch-size", "400", "--dtype", "float64",
        "--optimizer", "adam", "--lr", "0.01", "--no-verify", "--epochs", str(EPOCHS)]  # fmt: skip
 CLI = [sys.executable, "-m", "purebp.cli"]
-DIGEST = re.compile(r"process (\d) of 2: parameters sha256 ([0-9a-f]{64})")
+DIGEST = re.compile(r"process (\d) of 2: parameters sha256 ([0-9a-f]{16})")
 
 
 @pytest.fixture(scope="module", autouse=True)
