@@ -96,14 +96,12 @@ def _torch_activation(torch, name: str):
     return modules[name]()
 
 
-def _stack(net: pb.Network | pb.Sequential) -> tuple:
-    """The layers of ``net`` as purebp layer objects (a Network's layers become Dense layers)."""
-    if isinstance(net, pb.Network):
-        return tuple(pb.Dense(layer.w, layer.b, name) for layer, name in zip(net.layers, net.activations))
+def _stack(net: pb.Sequential) -> tuple:
+    """The layers of ``net``."""
     return tuple(net.layers)
 
 
-def torch_model(net: pb.Network | pb.Sequential, loss: str):
+def torch_model(net: pb.Sequential, loss: str):
     """Return a ``torch.nn.Sequential`` with ``net``'s weights (float32 copies) that outputs BackPACK's f.
 
     Dense w (n_out, n_in) is ``Linear.weight``; Conv1d w (C_out, C_in, K) is ``Conv1d.weight``; pooling has
@@ -288,12 +286,10 @@ def max_relative_error(values: list, reference: list) -> float:
 # ---------------------------------------------------------------- the JAX autodiff route (oracles)
 
 
-def _f_network(net: pb.Network | pb.Sequential, loss: str):
+def _f_network(net: pb.Sequential, loss: str):
     """``net`` up to f, the point where the loss is convex: z^L for the cross-entropy losses, a^L for mse."""
     if loss == "mse":
         return net
-    if isinstance(net, pb.Network):
-        return pb.Network(net.layers, net.activations[:-1] + ("identity",))
     return pb.Sequential(
         net.layers[:-1] + (dataclasses.replace(net.layers[-1], activation="identity"),), net.input_shape
     )

@@ -129,7 +129,7 @@ def batch_schedule(pool: np.ndarray, steps: int, seed: int) -> np.ndarray:
     return order.reshape(-1, BATCH)[:steps].astype(np.int32)
 
 
-def train(chunk, method, hyperparameters, net0, pool, seed, plan, evaluate_on) -> tuple[list[dict], pb.Network]:
+def train(chunk, method, hyperparameters, net0, pool, seed, plan, evaluate_on) -> tuple[list[dict], pb.Sequential]:
     """Train one run; return (a row every ``eval_every`` steps, step 0 included; the last network)."""
     net, opt = net0, optimizer(method, hyperparameters)
     carry = (net, opt.init(net), jax.random.key(seed + 1000))
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def curvature_share(net: pb.Network, damping: float, x: jax.Array, y: jax.Array) -> dict[str, float]:
+def curvature_share(net: pb.Sequential, damping: float, x: jax.Array, y: jax.Array) -> dict[str, float]:
     """Quantiles over all parameters of c / (c + damping), c the exact diagonal GGN on (x, y)."""
     curvature = pb.diag_ggn(net, x, y, loss=LOSS)
     values = np.concatenate([np.ravel(c) for c in jax.tree.leaves(curvature)])

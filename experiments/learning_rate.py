@@ -51,7 +51,7 @@ def sweep(quick: bool) -> tuple[np.ndarray, int]:
     return np.unique(np.concatenate([np.geomspace(1e-3, 100.0, 21), np.geomspace(0.4, 2.5, 12)])), 300
 
 
-def top_hessian_eigenvalue(net: pb.Network, x, y, *, iterations: int = 100, seed: int = 0) -> float:
+def top_hessian_eigenvalue(net: pb.Sequential, x, y, *, iterations: int = 100, seed: int = 0) -> float:
     """Return lambda_max of the Hessian of L at ``net``: power iteration, Hv from central differences of the gradient.
 
     Runs in float64: Hv ~ (grad L(theta + eps v) - grad L(theta - eps v)) / (2 eps), eps = 1e-5, ||v|| = 1.

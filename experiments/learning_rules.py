@@ -43,7 +43,7 @@ PUBLISHED = [
 ]
 
 
-def make_rule(name: str, key: jax.Array, net: pb.Network):
+def make_rule(name: str, key: jax.Array, net: pb.Sequential):
     if name == "backprop":
         return pb.rules.backprop()
     if name == "feedback_alignment":

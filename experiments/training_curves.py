@@ -83,7 +83,7 @@ def train(study: Study, dataset: data.Dataset, optimizer: str, gradient: str, dt
     )
 
 
-def max_difference(a: pb.Network, b: pb.Network) -> tuple[float, float]:
+def max_difference(a: pb.Sequential, b: pb.Sequential) -> tuple[float, float]:
     """Return (max |a - b| over all parameters, ||a - b||_2 / ||b||_2 over the whole parameter vector)."""
     diffs = [
         np.asarray(x, np.float64) - np.asarray(y, np.float64) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))

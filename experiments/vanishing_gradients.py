@@ -89,7 +89,7 @@ def settings(quick: bool) -> dict:
     }
 
 
-def measure(net: pb.Network, x, y) -> tuple[float, list[dict]]:
+def measure(net: pb.Sequential, x, y) -> tuple[float, list[dict]]:
     """Return (mean loss on (x, y), one dict per layer l = 1..L).
 
     Each dict holds ||delta^l||, ||dL/dW^l||, ||dL/db^l|| and the mean and max of G'(z^l).

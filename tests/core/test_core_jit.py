@@ -1,5 +1,7 @@
 """Compilation behaviour, composition with jit/vmap/scan, and proof that no autodiff is used."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +28,8 @@ def test_one_compile_per_architecture_shape_and_dtype():
     # another batch size, activation or reduction is another program
     pb.value_and_grad(case.net, case.x[:4], case.y[:4], loss=case.loss)
     assert backprop._value_and_grad_jit._cache_size() == compiled + 2
-    tanh_net = pb.Network(layers=case.net.layers, activations=("tanh", "identity"))
+    tanh_net = dataclasses.replace(case.net, layers=(dataclasses.replace(case.net.layers[0], activation="tanh"),
+                                                     case.net.layers[1]))  # fmt: skip
     pb.value_and_grad(tanh_net, case.x, case.y, loss=case.loss)
     assert backprop._value_and_grad_jit._cache_size() == compiled + 3
 

@@ -24,12 +24,12 @@ softplus = activations.get("softplus").forward
 def tiny_net(hidden: str, output: str = "identity", seed: int = 0):
     """A (3, 4, 2) float64 network with inputs and float targets in [0, 1], drawn with NumPy."""
     rng = np.random.default_rng(seed)
-    net = pb.Network(
+    net = pb.Sequential(
         layers=(
-            pb.Layer(w=jnp.asarray(rng.standard_normal((4, 3))), b=jnp.asarray(0.5 * rng.standard_normal(4))),
-            pb.Layer(w=jnp.asarray(rng.standard_normal((2, 4))), b=jnp.asarray(0.5 * rng.standard_normal(2))),
+            pb.Dense(jnp.asarray(rng.standard_normal((4, 3))), jnp.asarray(0.5 * rng.standard_normal(4)), hidden),
+            pb.Dense(jnp.asarray(rng.standard_normal((2, 4))), jnp.asarray(0.5 * rng.standard_normal(2)), output),
         ),
-        activations=(hidden, output),
+        input_shape=(3,),
     )
     return net, jnp.asarray(rng.standard_normal((6, 3))), jnp.asarray(rng.uniform(size=(6, 2)))
 

@@ -233,8 +233,6 @@ def _kflr_oracle(case: Case, net64, x64, y64) -> list:
 
 
 def _prefix(net, count: int):
-    if isinstance(net, pb.Network):
-        return pb.Network(net.layers[:count], net.activations[:count])
     return pb.Sequential(net.layers[:count], net.input_shape)
 
 

@@ -8,6 +8,7 @@ relative error per leaf, max |a - b| / max |b|, is at most 1e-10.
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -145,9 +146,8 @@ def test_sign_symmetry_on_weights_of_magnitude_c_is_backprop_rescaled_exactly():
     (a power of two); the feedback angles are 0."""
     c = 0.25
     net = mlp(4)
-    signs = pb.Network(
-        layers=tuple(pb.Layer(w=c * jnp.sign(layer.w), b=layer.b + 0.1) for layer in net.layers),
-        activations=net.activations,
+    signs = dataclasses.replace(
+        net, layers=tuple(dataclasses.replace(layer, w=c * jnp.sign(layer.w), b=layer.b + 0.1) for layer in net.layers)
     )
     x, y = batch(4)
     _, update = pb.value_and_grad(signs, x, y, loss=LOSS, rule=pb.rules.sign_symmetry())

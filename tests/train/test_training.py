@@ -194,8 +194,8 @@ def test_divergence_names_step_and_epoch_and_returns_the_last_finite_parameters(
 
 def test_non_finite_parameters_diverge_at_step_zero_and_keep_the_initial_network():
     net, x, y = _classification(dtype="float64")
-    net = pb.Network(layers=(pb.Layer(w=net.layers[0].w.at[0, 0].set(jnp.nan), b=net.layers[0].b), *net.layers[1:]),
-                     activations=net.activations)  # fmt: skip
+    first = dataclasses.replace(net.layers[0], w=net.layers[0].w.at[0, 0].set(jnp.nan))
+    net = dataclasses.replace(net, layers=(first, *net.layers[1:]))
     with pytest.raises(pb.DivergenceError, match=r"step 0 \(epoch 0\)") as caught:
         pb.fit(net, (x, y), loss="softmax_cross_entropy", epochs=2, verify=False)
     for kept, initial in zip(_leaves(caught.value.net), _leaves(net), strict=True):

@@ -229,8 +229,8 @@ def test_check_gradients_names_non_finite_inputs_instead_of_a_mismatch():
     net, x, y = _classification(n=8)
     with pytest.raises(ValueError, match=re.escape("check_gradients: the input is not finite: x[2, 4] is nan")):
         pb.check_gradients(net, x.at[2, 4].set(jnp.nan), y, loss="softmax_cross_entropy")
-    broken = dataclasses.replace(net, layers=(net.layers[0], pb.Layer(w=net.layers[1].w.at[1, 0].set(jnp.inf),
-                                                                      b=net.layers[1].b)))  # fmt: skip
+    second = dataclasses.replace(net.layers[1], w=net.layers[1].w.at[1, 0].set(jnp.inf))
+    broken = dataclasses.replace(net, layers=(net.layers[0], second))
     with pytest.raises(ValueError, match=re.escape("the network is not finite: layer 1 w[1, 0] is inf")):
         pb.check_gradients(broken, x, y, loss="softmax_cross_entropy")
 
