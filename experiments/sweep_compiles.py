@@ -2,8 +2,9 @@
 
 python -m experiments.sweep_compiles [--quick] [--seed S] [--out DIR]   # writes sweep_compiles.{csv,md}
 
-Three ways a user writes the sweep, each a fresh process-level cache: one
-``fit`` per learning rate with (a) ``pb.make_optimizer("sgd", lr)`` (what
+Four ways a user writes the sweep, each a fresh process-level cache: one
+``fit`` per learning rate with (0) ``fit(learning_rate=lr)`` and the default
+optimizer, (a) ``pb.make_optimizer("sgd", lr)`` (what
 ``purebp train --lr`` uses), (b) ``optax.inject_hyperparams(optax.sgd)(learning_rate=lr)``,
 (c) plain ``optax.sgd(lr)``, whose rate is a constant baked into the program,
 so (c) must compile once per value on any version. Compiles are XLA backend
@@ -50,7 +51,7 @@ def _sweep(name: str, make, rates, seed: int) -> dict:
     try:
         for rate in rates:
             begin = time.perf_counter()
-            trained, _ = pb.fit(net, (x, y), loss="softmax_cross_entropy", optimizer=make(rate), epochs=5,
+            trained, _ = pb.fit(net, (x, y), loss="softmax_cross_entropy", **make(rate), epochs=5,
                                 batch_size=32, key=jax.random.key(seed + 1))  # fmt: skip
             jax.block_until_ready(trained)
             per_value.append(time.perf_counter() - begin)
@@ -72,12 +73,13 @@ def _sweep(name: str, make, rates, seed: int) -> dict:
 def main(argv=None) -> int:
     args = _common.parse_args(__doc__.split("\n\n")[0], argv)
     rates = RATES[:3] if args.quick else RATES
-    makers = {
-        'pb.make_optimizer("sgd", lr)': lambda rate: pb.make_optimizer("sgd", rate),
-        "optax.inject_hyperparams(optax.sgd)(learning_rate=lr)": lambda rate: optax.inject_hyperparams(optax.sgd)(
-            learning_rate=rate
-        ),
-        "optax.sgd(lr)": optax.sgd,
+    makers = {  # fit's keyword arguments for one value
+        "fit(learning_rate=lr), the default optimizer": lambda rate: {"learning_rate": rate},
+        'pb.make_optimizer("sgd", lr)': lambda rate: {"optimizer": pb.make_optimizer("sgd", rate)},
+        "optax.inject_hyperparams(optax.sgd)(learning_rate=lr)": lambda rate: {
+            "optimizer": optax.inject_hyperparams(optax.sgd)(learning_rate=rate)
+        },
+        "optax.sgd(lr)": lambda rate: {"optimizer": optax.sgd(rate)},
     }
     rows = [_sweep(name, make, rates, args.seed) for name, make in makers.items()]
     stem = _common.output_stem(args, "sweep_compiles")

@@ -107,9 +107,7 @@ def test_output_at_plus_minus_1e3_is_finite(loss, output, dtype):
 # ---------------------------------------------------------------- vs reference oracles
 
 
-@settings(max_examples=20)  # every loss/output pair: the 70 draws above and the finite-difference test below
-@given(cases(max_depth=5, max_width=24, max_batch=16))
-def test_matches_numpy_matrix_oracle(case):
+def _matches_numpy_matrix_oracle(case):
     net = case.net
     oracle_loss, oracle_w, oracle_b = numpy_matrix.loss_and_gradients(
         [np.asarray(layer.w) for layer in net.layers],
@@ -124,9 +122,20 @@ def test_matches_numpy_matrix_oracle(case):
     assert_close_to_oracle(case, oracle_loss, as_network(oracle_w, oracle_b, net.activations), tolerance)
 
 
-@settings(max_examples=25)
-@given(cases(max_depth=3, max_width=4, max_batch=4))
-def test_matches_scalar_chain_rule_oracle(case):
+@settings(max_examples=6)
+@given(cases(max_depth=5, max_width=24, max_batch=16))
+def test_matches_numpy_matrix_oracle(case):
+    _matches_numpy_matrix_oracle(case)
+
+
+@pytest.mark.slow
+@settings(max_examples=20)
+@given(cases(max_depth=5, max_width=24, max_batch=16))
+def test_matches_numpy_matrix_oracle_on_more_cases(case):
+    _matches_numpy_matrix_oracle(case)
+
+
+def _matches_scalar_chain_rule_oracle(case):
     net = case.net
     targets = numpy_matrix.dense_targets(np.asarray(case.y), net.sizes[-1])
     oracle_loss, oracle_w, oracle_b = scalar_chain_rule.loss_and_gradients(
@@ -142,6 +151,19 @@ def test_matches_scalar_chain_rule_oracle(case):
     assert_close_to_oracle(case, oracle_loss, as_network(oracle_w, oracle_b, net.activations), tolerance)
 
 
+@settings(max_examples=8)
+@given(cases(max_depth=3, max_width=4, max_batch=4))
+def test_matches_scalar_chain_rule_oracle(case):
+    _matches_scalar_chain_rule_oracle(case)
+
+
+@pytest.mark.slow
+@settings(max_examples=25)
+@given(cases(max_depth=3, max_width=4, max_batch=4))
+def test_matches_scalar_chain_rule_oracle_on_more_cases(case):
+    _matches_scalar_chain_rule_oracle(case)
+
+
 def _reported_loss(case):
     """L(theta) as purebp.value_and_grad reports it, as a function of float64 parameter arrays."""
 
@@ -153,14 +175,25 @@ def _reported_loss(case):
     return loss
 
 
-@settings(max_examples=15)
-@given(cases(dtypes=("float64",), hidden_activations=SMOOTH, max_depth=3, max_width=6, max_batch=8))
-def test_reported_loss_and_gradient_agree_with_finite_differences(case):
+def _reported_loss_and_gradient_agree_with_finite_differences(case):
     """The gradient purebp returns is the gradient of the loss purebp reports (<= 1e-6, float64)."""
     fd = finite_differences.central_differences(_reported_loss(case), jax.tree.leaves(case.net))
     grads = pb.grad(case.net, case.x, case.y, loss=case.loss, reduction=case.reduction)
     leaves = compare_gradients(grads, jax.tree.unflatten(jax.tree.structure(case.net), fd), tolerance=1e-6, floor=1e-6)
     assert all(leaf.passed for leaf in leaves), f"{case}\n" + "\n".join(map(str, leaves))
+
+
+@settings(max_examples=5)
+@given(cases(dtypes=("float64",), hidden_activations=SMOOTH, max_depth=3, max_width=6, max_batch=8))
+def test_reported_loss_and_gradient_agree_with_finite_differences(case):
+    _reported_loss_and_gradient_agree_with_finite_differences(case)
+
+
+@pytest.mark.slow
+@settings(max_examples=15)
+@given(cases(dtypes=("float64",), hidden_activations=SMOOTH, max_depth=3, max_width=6, max_batch=8))
+def test_reported_loss_and_gradient_agree_with_finite_differences_on_more_cases(case):
+    _reported_loss_and_gradient_agree_with_finite_differences(case)
 
 
 @pytest.mark.parametrize("loss,output", LOSS_OUTPUT_PAIRS)

@@ -304,6 +304,7 @@ def old_output_delta(z, a, y, loss, output):
     return a - y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss,output", testing.LOSS_OUTPUT_PAIRS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_builtin_costs_are_bit_identical_to_the_old_chain(loss, output, dtype):

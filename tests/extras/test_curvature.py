@@ -355,7 +355,12 @@ def test_the_oracles_agree_with_each_other_and_with_purebp_gradients():
 # ---------------------------------------------------------------- every quantity vs its oracle
 
 
-@pytest.mark.parametrize("name", list(FIXED))
+DEFAULT_TIER = ("mlp-relu-cross_entropy", "mlp-tanh-softmax_ce-soft-labels-sum", "stack-conv-residual-mse")
+
+
+@pytest.mark.parametrize(
+    "name", [name if name in DEFAULT_TIER else pytest.param(name, marks=pytest.mark.slow) for name in FIXED]
+)
 def test_every_quantity_matches_its_oracle(name):
     check_against_oracle(fixed(name), FIXED[name][1])
 

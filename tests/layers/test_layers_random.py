@@ -253,6 +253,7 @@ def broken_net(spec):
     return dataclasses.replace(net, layers=without_mean_term(net.layers))
 
 
+@pytest.mark.slow
 def test_a_layer_norm_without_its_mean_term_is_caught_upstream_of_it_only():
     """Three random stacks with a dense layer upstream of a layer norm: each one fails, on leaves before the last
     layer norm (depth-first: leaf order), while every leaf from the last layer norm on still passes."""

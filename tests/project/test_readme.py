@@ -257,6 +257,7 @@ def own_networks_run() -> dict:
     return dict(command=command, cwd="{out}", files=files, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.background("README: ### Hand-written vs autodiff on purebp's own networks", **own_networks_run())
 def test_hypothesis_example_on_float64_cases_passes(background):
     """The hypothesis example as a user saves it: float64 cases (x64 on), no deadline; it asserts x is float64."""
@@ -274,6 +275,7 @@ def test_learning_rules_example_runs(background):
     assert "update vs gradient, per layer (degrees):" in result.stdout and "accuracy" in result.stdout
 
 
+@pytest.mark.slow
 @in_background("## Curvature and gradient statistics")
 def test_curvature_example_runs(background):
     """The three uses of the curvature quantities run as written and print what the comments say."""
