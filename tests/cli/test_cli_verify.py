@@ -236,7 +236,7 @@ def test_layers_all_flags_a_layer_norm_backward_without_its_mean_term(capsys, mo
     ("mode", "trials", "bounds"),
     [
         ([], 40, "depth <= 8, width <= 64, batch <= 64"),
-        (["--layers", "all"], 5, "depth <= 4, width <= 16, batch <= 16"),
+        pytest.param(["--layers", "all"], 5, "depth <= 4, width <= 16, batch <= 16", marks=pytest.mark.slow),
     ],
 )
 def test_the_defaults_are_a_quick_check_that_passes_and_says_how_to_run_more(capsys, mode, trials, bounds):

@@ -95,9 +95,9 @@ def autodiff_forbidden(monkeypatch):
     "loss,output",
     [
         ("mse", "softmax"),
-        ("cross_entropy", "softmax"),
+        pytest.param("cross_entropy", "softmax", marks=pytest.mark.slow),
         ("softmax_cross_entropy", "identity"),
-        ("binary_cross_entropy", "sigmoid"),
+        pytest.param("binary_cross_entropy", "sigmoid", marks=pytest.mark.slow),
     ],
 )
 def test_no_autodiff_in_the_backward_pass(autodiff_forbidden, loss, output):

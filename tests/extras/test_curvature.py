@@ -426,6 +426,7 @@ def _assert_unbiased(case: Curvy, draw, exact, reference_rms_1: float | None, wh
         assert reference_rms_1 / 2 <= rms_1 <= 2 * reference_rms_1, f"{message}, oracle RMS_1 {reference_rms_1:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["mlp-tanh-softmax_ce-soft-labels-sum", "mlp-sigmoid-gelu-bce", "mlp-elu-softplus-mse-sigmoid-out-sum"]
 )

@@ -140,8 +140,15 @@ def test_a_cost_that_needs_a_dense_output_layer_says_what_the_network_ends_in():
 # ---------------------------------------------------------------- gradients of the new layers
 
 
-@pytest.mark.parametrize("loss", ["softmax_cross_entropy", "mse"])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    ("loss", "reduction"),
+    [
+        ("softmax_cross_entropy", "mean"),
+        ("mse", "sum"),
+        pytest.param("softmax_cross_entropy", "sum", marks=pytest.mark.slow),
+        pytest.param("mse", "mean", marks=pytest.mark.slow),
+    ],
+)
 def test_residual_layer_norm_dropout_match_autodiff_in_float64(loss, reduction):
     net = _resnet()
     x, labels = _data()
