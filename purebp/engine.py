@@ -29,10 +29,7 @@ from purebp import inputs as _inputs
 from purebp import losses as _losses
 from purebp import programs as _programs
 from purebp.layers import Dense, example_keys, layer_keys
-from purebp.network import (
-    AnyNetwork,
-    like,
-)
+from purebp.network import AnyNetwork, like
 
 Array = jax.Array
 
@@ -213,7 +210,7 @@ def compiled_value_and_grad(
 ) -> tuple[Array, AnyNetwork]:
     """The jitted (L, grads) program, unchecked: what training steps and gradient checks call.
 
-    ``rule`` (None: backprop, the program it always was) is checked by the caller (``rules.check_rule``).
+    ``rule`` (None: backprop, the program it always was) is checked by the caller (``prepare_rule``).
     """
     if rule is None:
         return _value_and_grad_jit(net, x, y, loss, reduction, key)
@@ -314,7 +311,7 @@ def checked_call(
     """Return ``jitted(net, x, y, loss, reduction, key)`` with every check of ``validate_inputs`` done.
 
     A ``rule`` other than backprop is checked against the network
-    (``rules.check_rule``) and passed as a seventh, traced argument;
+    (``prepare_rule``) and passed as a seventh, traced argument;
     backprop passes none unless ``always_rule`` (then None), so its programs
     are the ones it always had.
 
