@@ -20,7 +20,6 @@ equivalence tests (DESIGN.md), and the MLP and stack generators share their draw
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Sequence
 
@@ -230,15 +229,10 @@ def assert_case_matches(case: Case | StackCase, *, tolerance: float | None = Non
 LAYER_KINDS = tuple(kind.name for kind in _kinds.all_kinds() if kind.builtin)  # purebp's own, at import
 CONV_KINDS = ("conv1d", "max_pool1d", "avg_pool1d")
 DROPOUT_RATES = (0.5, 0.1, 0.25)
-# over 2 features the normalised vector is +-(1, -1) whatever the input: the gradient through it is
-# O(eps / var), i.e. rounding (float32 hand-written and autodiff then differ by 3e-5 of a leaf), not a test
-LAYER_NORM_MIN_WIDTH = 3
-# In float32, a layer norm behind a narrower layer (in1>d1>d5lr>ln, in2>d2s>d3t>ln>d2sm) is ill-conditioned: its
-# input moves along 1 or 2 directions, nearly the ones its backward rule projects out, so the gradient below it
-# is a difference of much larger terms, and both float32 gradients, hand-written and jax.grad alike, land
-# 1e-4 from the float64 one (measured). float32 stacks keep every input and hidden width >= 3; float64 ones
-# (tolerance 1e-10, 1e-13 reached there) keep widths from 1.
-FLOAT32_MIN_HIDDEN_WIDTH = 3
+# Every width from 1 is drawn, in every dtype, layer norm included: a layer norm over 1 or 2 features, or behind a
+# narrower layer, and a conv bias that a layer norm removes are ill-conditioned (the gradient below them is a
+# difference of much larger terms), and the verdict, which measures both gradients against a float64 truth
+# (check_gradients), tells that from a wrong rule; the generators never step around a hard case.
 # the costs that see a network ending in a layer other than dense as an identity output (logits or values)
 IDENTITY_OUTPUT_LOSSES = ("mse", "softmax_cross_entropy")
 ACTIVATION_CODES = _kinds.ACTIVATION_CODES  # StackSpec.notation's activation letters: d5t is dense(5, "tanh")
@@ -440,23 +434,16 @@ def make_stack_case(spec: StackSpec) -> StackCase:
 
 
 # In a conv front, a layer norm over the length axis removes every per-channel constant, so the biases of the convs
-# in front of it are (nearly, or exactly: an identity conv, a relu conv on positive inputs) unidentifiable and their
-# gradient is a cancellation of rounding. float64 handles that (0 mismatches in experiments/results/
-# equivalence_conv.md); in float32 both gradients, hand-written and jax.grad alike, land up to 1e-3 from the float64
-# oracle on such leaves (two 300-stack runs, the note of issue 13), so float32 conv fronts have no layer norm (float32
-# layer norms stay in the dense part) and conv fronts draw nonlinear conv activations.
+# in front of it are (nearly, or exactly: an identity conv) unidentifiable and their gradient is a cancellation of
+# rounding: the hardest leaves there are, drawn in both dtypes.
 def _draw_conv_front(
     integer, pick, hidden: tuple, dtype: str = "float64", max_items: int = 3
 ) -> tuple[int, int, tuple]:
     """(channels, length, layers): 1..max_items conv1d / pooling / shape-keeping residual / layer norm, then flatten."""
-    hidden = tuple(name for name in hidden if name != "identity") or ("tanh",)
-    norm_min = math.inf if dtype == "float32" else LAYER_NORM_MIN_WIDTH
     channels, length = integer(1, 3), integer(4, 12)
     shape, layers = (channels, length), []
     for _ in range(integer(1, max_items)):
         kind = pick(("conv1d", "max_pool1d", "avg_pool1d", "residual", "conv1d", "layer_norm"))
-        if kind == "layer_norm" and shape[1] < norm_min:
-            kind = "conv1d"
         if kind == "conv1d":
             padding = integer(0, 2)
             kernel = integer(1, min(5, shape[1] + 2 * padding))
@@ -469,7 +456,7 @@ def _draw_conv_front(
             for _ in range(integer(1, 2)):
                 kernel = pick((1, 3, 5))
                 body.append(("conv1d", shape[0], kernel, 1, (kernel - 1) // 2, pick(hidden)))
-            if shape[1] >= norm_min and pick((False, True)):
+            if pick((False, True)):
                 body.insert(integer(0, len(body)), ("layer_norm",))
             description = ("residual", tuple(body))
         else:
@@ -485,7 +472,7 @@ def _draw_block(integer, pick, hidden, width: int, nested: bool) -> tuple:
     block (once), in the order ``_draw_stack_spec`` has always drawn them (old seeds replay)."""
     items = [("dense", width, pick(hidden)) for _ in range(integer(0, 2))]
     extras = []
-    if width >= LAYER_NORM_MIN_WIDTH and pick((False, True)):
+    if pick((False, True)):
         extras.append(("layer_norm",))
     if pick((False, False, True)):
         extras.append(("dropout", pick(DROPOUT_RATES)))
@@ -507,12 +494,10 @@ def _draw_stack_spec(
     them; simpler choices come first, so hypothesis shrinks towards them.
     """
     dtype = pick(tuple(dtypes))
-    # float32: no input or hidden layer narrower than 3 (see FLOAT32_MIN_HIDDEN_WIDTH)
-    narrowest = FLOAT32_MIN_HIDDEN_WIDTH if dtype == "float32" else 1
     loss = pick(tuple(outputs))  # each loss equally often, then one of the output activations it takes
     output = pick(outputs[loss])
     depth = integer(1, max_depth)  # top-level layers, the output layer included
-    width = input_width = integer(narrowest, max(narrowest, max_width))
+    width = input_width = integer(1, max_width)
     input_length, front = 0, ()
     if conv is None:
         conv = pick((False, True))
@@ -533,10 +518,8 @@ def _draw_stack_spec(
     layers = list(front)
     for _ in range(depth - 1 - (trailing is not None)):
         kind = pick(("dense", "residual", "layer_norm", "dropout", "dense", "residual"))
-        if kind == "layer_norm" and width < LAYER_NORM_MIN_WIDTH:
-            kind = "dense"
         if kind == "dense":
-            width = integer(narrowest, max(narrowest, max_width))
+            width = integer(1, max_width)
             layers.append(("dense", width, pick(hidden)))
         elif kind == "residual":
             layers.append(("residual", body(width, nested=True)))
@@ -545,7 +528,6 @@ def _draw_stack_spec(
         else:
             layers.append(("dropout", pick(DROPOUT_RATES)))
     min_out = 2 if output == "softmax" or loss in _losses.CLASSIFICATION_LOSSES else 1
-    min_out = max(min_out, LAYER_NORM_MIN_WIDTH) if trailing == "layer_norm" else min_out
     n_out = integer(min_out, max(min_out, max_width))
     # before a trailing layer the dense layer is a hidden one (softmax stays on output layers)
     layers.append(("dense", n_out, output if trailing is None else pick(hidden)))
@@ -600,19 +582,19 @@ def random_stack_spec(
     1..max_depth top-level layers: dense (any hidden activation, widths
     1..max_width), residual blocks (body: up to two dense layers of the
     block's width, maybe a layer norm and a dropout, maybe one nested block),
-    layer norm (on 3 or more features, see ``LAYER_NORM_MIN_WIDTH``) and
-    dropout anywhere, and a dense output layer fitting a built-in loss (each
-    loss equally likely) and one of the output activations it takes; mse and
-    softmax cross-entropy networks may end in a residual block, layer norm or
-    dropout instead. ``with_key`` None: drawn (dropout active or not). float32
-    stacks have no input or hidden width below 3 (``FLOAT32_MIN_HIDDEN_WIDTH``).
+    layer norm and dropout anywhere, and a dense output layer fitting a
+    built-in loss (each loss equally likely) and one of the output
+    activations it takes; mse and softmax cross-entropy networks may end in a
+    residual block, layer norm or dropout instead. ``with_key`` None: drawn
+    (dropout active or not). Every width from 1 in every dtype: no hard case
+    is stepped around (the comment "Every width from 1" above).
 
     ``conv=True``: the stack starts with a conv front on inputs (N, 1..3
     channels, length 4..12): 1..3 of conv1d (kernel 1..5, stride 1..3,
     padding 0..2, any hidden activation), max or average pooling, a residual
     block of shape-keeping convs (maybe with a layer norm) and layer norm over
-    the length axis (float64 fronts only: see the comment above
-    ``_draw_conv_front``), then a flatten before the dense part above. ``conv=None``:
+    the length axis, in both dtypes, any hidden activation identity included,
+    then a flatten before the dense part above. ``conv=None``:
     drawn. ``conv=False`` (the default) draws exactly what it drew before conv
     layers existed, so old seeds replay.
     """

@@ -26,7 +26,10 @@ class Dropout:
     def forward(self, a: Array, key: Array | None = None) -> tuple[Array, Array | None]:
         if key is None or self.rate == 0.0:
             return a, None
-        keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.rate, a.shape[1:]))(key)
+        # the keep probability in float32 whatever the network's dtype and jax_enable_x64: the same key draws the
+        # same mask for a float32 network and its float64 copy (check_gradients' truth)
+        keep_probability = np.float32(1.0 - self.rate)
+        keep = jax.vmap(lambda k: jax.random.bernoulli(k, keep_probability, a.shape[1:]))(key)
         mask = keep.astype(a.dtype) / np.asarray(1.0 - self.rate, dtype=a.dtype)  # m / (1 - rate)
         return a * mask, mask
 
