@@ -30,7 +30,6 @@ import resource
 import signal
 import sys
 import time
-import traceback
 
 from purebp.train.checkpoint import save_checkpoint
 
@@ -60,7 +59,6 @@ def _in_child(work, report_fd: int) -> None:
         outcome = None
     except BaseException as error:  # reported to the test, which judges it
         outcome, code = error, 1
-        traceback.print_exc()
     try:
         os.write(report_fd, json.dumps(_error(outcome)).encode())
     finally:

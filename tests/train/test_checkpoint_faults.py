@@ -151,11 +151,11 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_which_resumes_b
     rng = np.random.default_rng(SEED)
     path, train_step, batch = tmp_path / "run.ckpt", _train_step(), _batch()
     pb.save_checkpoint(path, *trajectory[0], step=0, metadata={"trial": -1, "save": 0})
-    step, left_behind, mid_save, previous_leftovers = 0, 0, 0, []
+    step, left_behind, mid_save, before_write, previous_leftovers = 0, 0, 0, 0, []
     again = replay("test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_which_resumes_bit_for_bit")
     for trial in range(KILL_TRIALS):
         where = f"trial {trial} of {KILL_TRIALS}; {again}"
-        delay = float(rng.choice([0.0, rng.uniform(0, 0.002), rng.uniform(0, 0.03)]))
+        delay = float(rng.choice([0.0, rng.uniform(0, 0.002), rng.uniform(0, 0.1)]))  # in a save, or after many
         report = server.ask(op="kill", path=str(path), trial=trial, first_step=step + 1, delay=delay)
         assert report["signal"] == "signal 9", f"the writer was not killed ({report}); {where}"
         completed = report["completed"]
@@ -179,10 +179,12 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_which_resumes_b
         if completed:  # a save ran since the last kill: it removed that kill's leftover
             assert not set(previous_leftovers) & set(leftovers), f"{previous_leftovers} not removed; {where}"
         left_behind += bool(leftovers)
+        before_write += not completed and not leftovers and restored.step == step
         previous_leftovers, step = leftovers, restored.step
     print(
         f"{KILL_TRIALS} kills: {step} saves completed in all, {left_behind} kills left a temporary file "
-        f"(killed mid-write), {mid_save} landed between the rename and the writer's report"
+        f"(killed mid-write), {mid_save} landed between the rename and the writer's report, {before_write} before "
+        "the first save's temporary file"
     )
     assert left_behind > 0, f"no kill landed mid-write in {KILL_TRIALS} trials: the test proved nothing"
     pb.save_checkpoint(path, *trajectory[1], step=1)
@@ -370,8 +372,10 @@ def _small_checkpoint(folder: Path) -> tuple[Path, bytes]:
     return path, path.read_bytes()
 
 
-def _assert_refused(path: Path, data: bytes, where: str) -> None:
-    path.write_bytes(data)
+def _assert_refused(path: Path, data: bytes | None, where: str) -> None:
+    """Load ``path`` (first rewritten as ``data`` unless None): a CheckpointError that says why, or fail."""
+    if data is not None:
+        path.write_bytes(data)
     try:
         loaded = pb.load_checkpoint(path)
     except CheckpointError as error:
@@ -396,11 +400,14 @@ def test_a_flipped_bit_anywhere_is_refused(tmp_path, count):
     path, data = _small_checkpoint(tmp_path)
     bits = _flip_positions(len(data), count)
     again = replay("test_a_flipped_bit_anywhere_is_refused")
-    for trial, bit in enumerate(bits):
-        damaged = bytearray(data)
-        damaged[bit // 8] ^= 1 << (bit % 8)
-        where = f"bit {bit} of {len(data) * 8} flipped (trial {trial} of {len(bits)}); {again}"
-        _assert_refused(path, bytes(damaged), where)
+    with open(path, "r+b") as file:  # flipped in place and back: rewriting the file each time costs a flush
+        for trial, bit in enumerate(bits):
+            original = data[bit // 8]
+            os.pwrite(file.fileno(), bytes([original ^ (1 << (bit % 8))]), bit // 8)
+            where = f"bit {bit} of {len(data) * 8} flipped (trial {trial} of {len(bits)}); {again}"
+            _assert_refused(path, None, where)
+            os.pwrite(file.fileno(), bytes([original]), bit // 8)
+    assert path.read_bytes() == data
     path.write_bytes(data)
     assert pb.load_checkpoint(path).step == 7
 
@@ -414,7 +421,10 @@ def test_a_truncated_file_is_refused_at_every_length(tmp_path, count):
     again = replay("test_a_truncated_file_is_refused_at_every_length")
     for trial, length in enumerate(lengths):
         where = f"cut to {length} of {len(data)} bytes (trial {trial} of {len(lengths)}); {again}"
-        _assert_refused(path, data[: int(length)], where)
+        os.truncate(path, int(length))
+        _assert_refused(path, None, where)
+        with open(path, "r+b") as file:
+            os.pwrite(file.fileno(), data[int(length) :], int(length))
 
 
 def _rewritten_without_checksum(path: Path, change=None) -> None:
