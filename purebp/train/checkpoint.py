@@ -27,18 +27,38 @@ order), ``key_data`` (``jax.random.key_data(key)``, absent without a key) and
 ``meta`` (UTF-8 JSON: the format, purebp version, step, the key's
 implementation, the optimizer state's tree structure and leaf shapes/dtypes,
 and the caller's metadata). Arrays are stored bit for bit.
+
+Faults. Every file written since the checksum was added ends in a zip
+comment ``purebp-sha256:<hex>``: the SHA-256 of every byte before the
+comment (all entries, the zip directory and its end record), and the meta
+says ``"checksum": "sha256"``. Loading checks it before anything else, so a
+truncated or altered file (any single flipped bit) is refused with "checksum
+mismatch". Files written before, or rewritten by another zip writer, end in
+an end record without comment and load as before, unverified but for the
+zip's CRC-32 of each entry. A file whose
+format is newer than this purebp reads is refused, naming both formats.
+A save that fails (full disk, file-size limit, read-only directory) raises
+``CheckpointWriteError``, an ``OSError`` that says which step failed, for
+which path, why, and that the previous checkpoint is intact. A writer holds
+an ``flock`` on its temporary file until it is renamed into place; a save
+removes the temporary files of this path that no live writer holds (left by
+a killed save), and only those.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import hashlib
 import itertools
 import json
 import os
+import re
+import struct
 import tempfile
 import zipfile
-from typing import Any
+from typing import IO, Any
 
 import jax
 import jax.numpy as jnp
@@ -50,13 +70,26 @@ from purebp.layers import kinds as _kinds
 from purebp.network import Sequential, validate_architecture, validate_sequential
 from purebp.version import __version__
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks, so temporary files of killed saves are not cleaned up
+    fcntl = None
+
 FORMAT_MLP = "purebp-checkpoint-1"
 FORMAT_SEQUENTIAL = "purebp-checkpoint-2"
 FORMATS = (FORMAT_MLP, FORMAT_SEQUENTIAL)
+CHECKSUM_PREFIX = b"purebp-sha256:"  # the zip comment's scheme; a different scheme takes a different prefix
+_CHECKSUM_LENGTH = len(CHECKSUM_PREFIX) + 64
+_END_RECORD = b"PK\x05\x06"  # the zip's end-of-central-directory record: 22 bytes, the comment's length last
+_END_RECORD_SIZE = 22
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt, or does not match what it is loaded into."""
+
+
+class CheckpointWriteError(OSError):
+    """A save failed (no space, file-size limit, read-only directory...); the previous file at the path is intact."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,26 +249,34 @@ def save_checkpoint(
     ``purebp-checkpoint-2``; one holding a layer of your own whose kind has no
     row in ``purebp.layers.kinds`` loads back with ``net_template=``). The previous file at
     ``path``, if any, is replaced only once the new one is complete on disk.
-    Arrays are stored exactly: a round trip is bit-identical.
+    Arrays are stored exactly: a round trip is bit-identical. A failed write
+    raises ``CheckpointWriteError`` (an ``OSError``) and leaves the previous
+    file and no temporary file behind.
     """
     path = os.fspath(path)
+    arrays = _arrays(net, opt_state, step, key, metadata)
+    _write_atomically(path, arrays)
+
+
+def _arrays(net: Sequential, opt_state: Any, step: int, key: jax.Array | None, metadata: dict | None) -> dict:
+    """The file's entries: parameters, optimizer leaves, key data and the JSON meta, as NumPy arrays."""
     arrays: dict[str, np.ndarray] = {}
-    if isinstance(net, Sequential):
-        validate_sequential(net)
-        description = describe_network(net)
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(net)
-        for i, (_, leaf) in enumerate(leaves):
-            arrays[f"params/{i}"] = np.asarray(leaf)
-        meta = {
-            "format": FORMAT_SEQUENTIAL,
-            "purebp_version": _version(),
-            "network": description,
-            "treedef": str(treedef),
-            "param_paths": [jax.tree_util.keystr(leaf_path) for leaf_path, _ in leaves],
-            "param_leaves": [_shape_dtype(arrays[f"params/{i}"]) for i in range(len(leaves))],
-        }
-    else:
+    if not isinstance(net, Sequential):
         raise TypeError(f"save_checkpoint: expected a purebp.Sequential, got {type(net).__name__}")
+    validate_sequential(net)
+    description = describe_network(net)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(net)
+    for i, (_, leaf) in enumerate(leaves):
+        arrays[f"params/{i}"] = np.asarray(leaf)
+    meta = {
+        "format": FORMAT_SEQUENTIAL,
+        "purebp_version": _version(),
+        "checksum": "sha256",
+        "network": description,
+        "treedef": str(treedef),
+        "param_paths": [jax.tree_util.keystr(leaf_path) for leaf_path, _ in leaves],
+        "param_leaves": [_shape_dtype(arrays[f"params/{i}"]) for i in range(len(leaves))],
+    }
     opt_leaves, opt_treedef = jax.tree.flatten(opt_state)
     for i, leaf in enumerate(opt_leaves):
         arrays[f"opt/{i}"] = np.asarray(leaf)
@@ -251,36 +292,218 @@ def save_checkpoint(
         "metadata": metadata or {},
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    return arrays
 
-    directory = os.path.dirname(os.path.abspath(path))
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+
+def _write_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write to a locked temporary file beside ``path``, fsync, rename over ``path``, fsync the directory."""
+    directory, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    _remove_leftovers(directory, name)
+    previous = (
+        f"the previous checkpoint at {path} is intact" if os.path.exists(path) else f"nothing was written at {path}"
+    )
     try:
-        with os.fdopen(descriptor, "wb") as file:
+        descriptor, temporary = _locked_temporary(directory, name)
+    except OSError as error:
+        raise _write_error(path, f"creating a temporary file in the directory {directory}", error, previous) from None
+    stage = f"writing the temporary file {temporary}"
+    try:
+        with os.fdopen(descriptor, "w+b") as file:
             np.savez(file, **arrays)
+            _append_checksum(file)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+            stage = f"renaming {temporary} over {path}"
+            os.replace(temporary, path)  # before the lock is released: no other save takes it for a leftover
+    except BaseException as error:
+        with contextlib.suppress(OSError):
             os.unlink(temporary)
+        if isinstance(error, OSError) and not isinstance(error, CheckpointWriteError):
+            raise _write_error(path, stage, error, previous + " and the temporary file was removed") from error
         raise
     _fsync_directory(directory)
+
+
+_WHY = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EFBIG: "file too large (a file-size limit such as ulimit -f, or the file system's maximum)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied: is the directory read-only, or not yours?",
+    errno.EPERM: "operation not permitted: is the directory read-only, or not yours?",
+    errno.EROFS: "the file system is read-only",
+}
+
+
+def _write_error(path: str, stage: str, error: OSError, previous: str) -> CheckpointWriteError:
+    why = _WHY.get(error.errno)
+    message = f"cannot save checkpoint {path}: {stage} failed ({type(error).__name__}: {error})"
+    message += f": {why}" if why else ""
+    message += f"; {previous}"
+    return CheckpointWriteError(message) if error.errno is None else CheckpointWriteError(error.errno, message)
+
+
+def _locked_temporary(directory: str, name: str) -> tuple[int, str]:
+    """Create ``.<name>.<random>.tmp`` in ``directory`` and hold an exclusive ``flock`` on it until it is closed."""
+    while True:
+        descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+        if fcntl is None:
+            return descriptor, temporary
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)  # waits only for a cleaner that found it unlocked, briefly
+        except OSError:  # no locks on this file system: cleaners cannot lock it either, so they leave it alone
+            return descriptor, temporary
+        if os.fstat(descriptor).st_nlink > 0:
+            return descriptor, temporary
+        os.close(descriptor)  # a cleaner removed it between its creation and our lock: take another name
+
+
+def _remove_leftovers(directory: str, name: str) -> None:
+    """Remove this path's temporary files that no live writer holds: those of saves killed before the rename.
+
+    Only names ``.<name>.<mkstemp's random letters>.tmp`` are considered (the
+    random part has no dot, so another checkpoint's ``.<name>.x.<random>.tmp``
+    is not), and only those whose ``flock`` can be taken: a live writer holds its own.
+    """
+    if fcntl is None:
+        return
+    pattern = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]+\.tmp")
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    for entry in entries:
+        if not pattern.fullmatch(entry):
+            continue
+        leftover = os.path.join(directory, entry)
+        try:
+            descriptor = os.open(leftover, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:  # renamed into place or removed meanwhile, or not ours to open
+            continue
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            opened, named = os.fstat(descriptor), os.stat(leftover, follow_symlinks=False)
+            if (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino):  # still the file we locked
+                os.unlink(leftover)
+        except OSError:  # held by a live writer, or gone: leave it
+            pass
+        finally:
+            os.close(descriptor)
+
+
+def _append_checksum(file: IO[bytes]) -> None:
+    """Append the zip comment ``purebp-sha256:<hex>``: the SHA-256 of every byte before it.
+
+    np.savez ends the file with a 22-byte end record whose last two bytes are
+    the comment's length (0); that length is set first, so it is covered too.
+    """
+    file.seek(-_END_RECORD_SIZE, os.SEEK_END)
+    end = file.read(_END_RECORD_SIZE)
+    if end[:4] != _END_RECORD or end[-2:] != b"\0\0":
+        raise RuntimeError("np.savez did not end the file with an end record without comment; cannot add a checksum")
+    file.seek(-2, os.SEEK_END)
+    file.write(struct.pack("<H", _CHECKSUM_LENGTH))
+    length = file.seek(0, os.SEEK_END)
+    digest = _sha256(file, length)
+    file.seek(0, os.SEEK_END)
+    file.write(CHECKSUM_PREFIX + digest.encode("ascii"))
+
+
+def _sha256(file: IO[bytes], length: int) -> str:
+    file.seek(0)
+    hasher, left = hashlib.sha256(), length
+    while left > 0:
+        chunk = file.read(min(left, 1 << 20))
+        if not chunk:
+            break
+        hasher.update(chunk)
+        left -= len(chunk)
+    return hasher.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading
 
 
+# what zipfile and np.load raise on damaged bytes (a flipped flag bit can ask for a compression or a password)
+_READ_ERRORS = (
+    zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, RuntimeError, NotImplementedError,
+    struct.error, OverflowError, MemoryError,
+)  # fmt: skip
+
+
 def _read(path: str) -> dict[str, np.ndarray]:
+    """The file's entries, once its checksum (if it has one) matches."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as error:
+        with open(path, "rb") as file:  # one open file: a concurrent save's rename cannot swap it between the steps
+            _verify_checksum(path, file)
+            file.seek(0)
+            with np.load(file, allow_pickle=False) as archive:
+                return {name: archive[name] for name in archive.files}
+    except _READ_ERRORS as error:
+        if isinstance(error, CheckpointError):
+            raise
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt and cannot be read ({type(error).__name__}: {error})"
         ) from error
+
+
+def _verify_checksum(path: str, file: IO[bytes]) -> bool:
+    """True if the file ends in a checksum comment that matches; False if it ends without a comment.
+
+    Files written before the checksum, or rewritten by another zip writer (the
+    comment gone), end in a zip end record with no comment and are read as
+    before. Anything else (a cut-short end, a damaged record, a mismatch)
+    raises CheckpointError: no single flipped bit or truncation leads here to False.
+    """
+    size = file.seek(0, os.SEEK_END)
+    if size >= _END_RECORD_SIZE:
+        file.seek(size - _END_RECORD_SIZE)
+        end = file.read(_END_RECORD_SIZE)
+        if end[:4] == _END_RECORD and end[-2:] == b"\0\0":
+            return False
+    corrupt = (
+        f"checkpoint {path} is truncated or corrupt: checksum mismatch: the file is corrupt (truncated or altered)"
+    )
+    record = _END_RECORD_SIZE + _CHECKSUM_LENGTH
+    tail = b""
+    if size >= record:
+        file.seek(size - record)
+        tail = file.read(record)
+    if (
+        tail[:4] != _END_RECORD
+        or tail[_END_RECORD_SIZE - 2 : _END_RECORD_SIZE] != struct.pack("<H", _CHECKSUM_LENGTH)
+        or not tail[_END_RECORD_SIZE:].startswith(CHECKSUM_PREFIX)
+    ):
+        raise CheckpointError(
+            f"{corrupt}: it does not end in a zip end record, with or without a purebp checksum (cut short, "
+            "altered, or not a purebp checkpoint)"
+        )
+    recorded = tail[_END_RECORD_SIZE + len(CHECKSUM_PREFIX) :].decode("ascii", errors="replace")
+    actual = _sha256(file, size - _CHECKSUM_LENGTH)
+    if recorded != actual:
+        raise CheckpointError(
+            f"{corrupt} since it was written: its bytes hash to sha256 {actual[:16]}..., it records {recorded[:16]}..."
+        )
+    return True
+
+
+def _check_format(path: str, meta: object) -> str:
+    """The file's format, if this purebp reads it; else a CheckpointError naming both versions."""
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found in FORMATS:
+        return found
+    number = re.fullmatch(r"purebp-checkpoint-(\d+)", found) if isinstance(found, str) else None
+    newest = max(FORMATS, key=lambda name: int(name.rsplit("-", 1)[1]))
+    if number is not None and int(number.group(1)) > int(newest.rsplit("-", 1)[1]):
+        writer = meta.get("purebp_version")
+        raise CheckpointError(
+            f"checkpoint {path} has format {found}" + (f" (written by purebp {writer})" if writer else "")
+            + f", newer than this purebp ({_version()}) reads: it reads {' and '.join(FORMATS)}; "
+            "upgrade purebp to load it"
+        )  # fmt: skip
+    raise CheckpointError(f"{path} is not a purebp checkpoint of format {' or '.join(FORMATS)} (format {found!r})")
 
 
 def _as_dtype(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -334,9 +557,7 @@ def load_checkpoint(
         raise CheckpointError(f"{path} is not a purebp checkpoint (no 'meta' entry)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"checkpoint {path} has corrupt metadata: {error}") from error
-    found = meta.get("format") if isinstance(meta, dict) else None
-    if found not in FORMATS:
-        raise CheckpointError(f"{path} is not a purebp checkpoint of format {' or '.join(FORMATS)} (format {found!r})")
+    found = _check_format(path, meta)
     try:
         if found == FORMAT_MLP:
             net = _restore_network(path, arrays, meta)  # the MLP format of earlier versions, read into a Sequential
