@@ -4,6 +4,8 @@ A ``where``-based rule can turn NaN into a number: ``where(z > 0, z, 0)`` is 0 a
 and XLA rewrites ``g * (a > 0)`` into ``select(a > 0, g, 0)``, so a G' of 0 at NaN turns a NaN dC/da into a
 finite delta. Each check here compares the non-finite pattern of purebp's output with that of a reference:
 
+- every loss (``losses.names()``): C^n of an example whose z^L holds a NaN is NaN, and delta^L is
+  non-finite where jax.grad of the cost is;
 - every activation (``activations.names()``), jitted, against jax's own (``jax.nn``) on the same z, with NaN,
   +inf and -inf in one example; its ``chain`` keeps a NaN dC/da of a NaN example;
 - every layer kind (the table, ``kinds.all_kinds()``) on its row's example: the forward against the kind's math
@@ -25,7 +27,7 @@ import numpy as np
 import pytest
 
 import purebp as pb
-from purebp import activations
+from purebp import activations, losses
 from purebp.layers import kinds as _kinds
 from purebp.layers.base import example_keys
 
@@ -102,6 +104,36 @@ def test_activation_chain_keeps_a_nan_upstream(name):
     assert np.all(np.isnan(np.asarray(delta)[ROW])), f"{name}: delta of a NaN example is {delta[ROW]}"
     if act.second_derivative is not None and not act.piecewise_linear:
         assert np.all(np.isnan(np.asarray(act.second_derivative(z, act.forward(z)))[ROW]))
+
+
+# ---------------------------------------------------------------- losses
+
+
+@pytest.mark.parametrize("name", losses.names())
+def test_loss_of_a_nan_example_is_nan(name):
+    """C^n of an example whose z^L holds a NaN is NaN, delta^L non-finite where autodiff's is; others unchanged."""
+    entry = losses.get(name)
+    output = activations.get(entry.output_activation or "identity")
+    if entry.classification:
+        y = jnp.asarray(np.eye(4)[[0, 2, 3]])
+    elif entry.targets_in_unit_interval:
+        y = jnp.full((3, 4), 0.25)
+    else:
+        y = jnp.asarray(np.random.default_rng(3).standard_normal((3, 4)))
+
+    def cost_and_delta(z):
+        a = output.forward(z)
+        return losses.per_example_cost(z, a, y, name), losses.output_delta(z, a, y, name, output)
+
+    def autodiff(z):  # dC^n/dz^L by jax.grad of the cost: its non-finite entries are the reference for delta^L
+        return jax.grad(lambda z: jnp.sum(losses.per_example_cost(z, output.forward(z), y, name)))(z)
+
+    program = jax.jit(cost_and_delta)
+    (cost, delta), (clean_cost, clean_delta) = program(_poisoned((3, 4), np.nan)), program(_poisoned((3, 4), 0.5))
+    assert np.isnan(cost[ROW]) and not np.all(np.isfinite(np.asarray(delta)[ROW])), f"{name}: {cost}, {delta}"
+    _assert_same_non_finite(delta[ROW], jax.jit(autodiff)(_poisoned((3, 4), np.nan))[ROW], f"{name} delta")
+    _assert_other_rows_unchanged(cost, clean_cost, f"{name} cost")
+    _assert_other_rows_unchanged(delta, clean_delta, f"{name} delta")
 
 
 # ---------------------------------------------------------------- layer kinds
