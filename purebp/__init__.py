@@ -40,7 +40,14 @@ from purebp.network import Layer, Network, Sequential, init_mlp, init_network
 from purebp.programs import clear_caches
 from purebp.registry import register_activation, register_loss
 from purebp.train import distributed, gradients
-from purebp.train.checkpoint import Checkpoint, CheckpointError, describe_network, load_checkpoint, save_checkpoint
+from purebp.train.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointWriteError,
+    describe_network,
+    load_checkpoint,
+    save_checkpoint,
+)
 from purebp.train.distributed import ProcessFailureError, data_parallel_value_and_grad, make_data_mesh
 from purebp.train.fit import (
     DivergenceError,
@@ -69,6 +76,7 @@ __all__ = [
     "BackpropTrace",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointWriteError",
     "Checkpointing",
     "Conv1d",
     "Dense",

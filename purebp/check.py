@@ -558,6 +558,8 @@ def check_layer(
         raise ValueError(f"check_layer: x must be a non-empty batch, shape (N, ...), got shape {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"check_layer: x must be a floating array, got dtype {x.dtype}")
+    # a NaN in x makes both pieces NaN, which would compare equal: refuse it, as check_gradients does
+    _inputs.check_finite("check_layer: the input", x=x)
     if key is not None:
         _inputs.check_key(key)
     keys = None if key is None else _layers.example_keys(key, x.shape[0])

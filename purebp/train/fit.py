@@ -138,7 +138,10 @@ def _evaluate_jit(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str
     value = jnp.mean(cost) if reduction == "mean" else jnp.sum(cost)
     labels = y if y.ndim == 1 else jnp.argmax(y, axis=-1)
     predicted = jnp.argmax(activation, axis=-1).astype(labels.dtype)  # int64 under x64, labels may be int32
-    accuracy = jnp.mean((predicted == labels).astype(activation.dtype))
+    correct = (predicted == labels).astype(activation.dtype)
+    # NaN in, NaN out: argmax of a non-finite row is no prediction, so it makes the accuracy NaN, not a score
+    scored = jnp.all(jnp.isfinite(activation), axis=-1)
+    accuracy = jnp.mean(jnp.where(scored, correct, jnp.full_like(correct, jnp.nan)))
     return value, accuracy
 
 

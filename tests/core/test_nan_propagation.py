@@ -347,11 +347,6 @@ def test_evaluate_loss_is_nan():
     assert np.isnan(pb.evaluate(net, x, y, loss=LOSS)["loss"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="purebp/train/fit.py (not this file's owner): evaluate counts argmax(NaN row) == label as correct; "
-    "it should refuse non-finite x as fit does (purebp.inputs.check_finite) or report a NaN accuracy",
-)
 def test_evaluate_does_not_score_a_nan_example():
     net, x, _, _ = _case()
     y = jnp.asarray([0, 0, 0, 0])  # argmax of an all-NaN row is 0: the NaN example would count as correct
@@ -410,3 +405,9 @@ def test_curvature_quantities_carry_the_nan(quantity):
         "ggnvp": lambda: pb.ggn_vector_product(net, x, y, net, loss=LOSS),
     }
     _every_leaf_non_finite(calls[quantity](), quantity)
+
+
+def test_check_layer_refuses_a_non_finite_input():
+    net, x, _, _ = _case()
+    with pytest.raises(ValueError, match=r"not finite: x\[1, "):
+        pb.check_layer(net.layers[0], x)
