@@ -69,7 +69,7 @@ HAND_SPECS = (
         (
             ("dense", 6, "leaky_relu"),
             ("dropout", 0.5),
-            ("residual", (("layer_norm",), ("dense", 6, "gelu"), ("dropout", 0.1))),
+            ("residual", (("layer_norm",), ("dense", 6, "gelu"), ("dropout", 0.25))),
             ("dense", 2, "sigmoid"),
         ),
         "binary_cross_entropy",
