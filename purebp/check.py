@@ -10,6 +10,7 @@ registered G' or cost derivative) keeps that boundary one file wide.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -89,16 +90,59 @@ def autodiff_value_and_grad(
     return _autodiff_value_and_grad_jit(net, x, y, loss, reduction, key)
 
 
-def _both_value_and_grad(
-    net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None, truth: bool = False
-):
-    # the same jitted functions as check_gradients' default path, nested in one program; with ``truth`` (x64
-    # on) also autodiff of the promoted network, the float64 truth
-    hand = _engine.compiled_value_and_grad(net, x, y, loss, reduction, key)
-    autodiff = _autodiff_value_and_grad_jit(net, x, y, loss, reduction, key)
+def rules_signature(tree: object) -> tuple:
+    """Every layer class in ``tree`` (residual bodies included) with the forward and backward functions it runs.
+
+    Part of the key of check_gradients' programs: a program is traced again when a rule changes (a subclass, or
+    a method patched on a class), so a check never runs a program traced with an older rule. JAX's own caches
+    key a program on the classes in the tree, not on the code of their methods.
+    """
+    found = []
+
+    def visit(node: object) -> None:
+        cls = type(node)
+        if callable(getattr(cls, "backward", None)):
+            found.append((cls, getattr(cls, "forward", None), cls.backward))
+        for child in jax.tree_util.tree_leaves(node, is_leaf=lambda item: item is not node):
+            if child is not node:
+                visit(child)
+
+    visit(tree)
+    return tuple(found)
+
+
+def _all_value_and_grads(
+    net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None, truth: bool = False,
+    rules: tuple = (),
+):  # fmt: skip
+    # the hand-written pass and autodiff from their unjitted functions, in one program; with ``truth`` (traced with
+    # x64 on) also autodiff of the promoted network, the float64 truth. ``rules`` is part of the key only.
+    del rules
+    hand = _engine.loss_and_grads(net, x, y, loss=loss, reduction=reduction, key=key)
+    autodiff = jax.value_and_grad(loss_function)(net, x, y, loss, reduction, key)
     if not truth:
-        return hand, autodiff
-    return hand, autodiff, _autodiff_value_and_grad_jit(*promote((net, x, y)), loss, reduction, key)
+        return hand, autodiff, None
+    return hand, autodiff, jax.value_and_grad(loss_function)(*promote((net, x, y)), loss, reduction, key)
+
+
+_check_jit = jax.jit(_all_value_and_grads, static_argnames=("loss", "reduction", "truth", "rules"))
+
+
+def _handwritten(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None, rules: tuple):
+    del rules  # part of the key only
+    return _engine.loss_and_grads(net, x, y, loss=loss, reduction=reduction, key=key)
+
+
+_handwritten_jit = jax.jit(_handwritten, static_argnames=("loss", "reduction", "rules"))
+
+
+@functools.cache
+def _fast_handwritten_jit(platform: str):
+    options = FAST_COMPILE_OPTIONS.get(platform)
+    return jax.jit(_handwritten, static_argnames=("loss", "reduction", "rules"), compiler_options=options)
+
+
+_programs.on_clear(_fast_handwritten_jit.cache_clear)
 
 
 # XLA options for a program compiled to run once (check_gradients(fast_compile=True)), where compile
@@ -117,8 +161,8 @@ FAST_COMPILE_OPTIONS = {
 @functools.cache
 def _fast_compile_jit(platform: str):
     return jax.jit(
-        _both_value_and_grad,
-        static_argnames=("loss", "reduction", "truth"),
+        _all_value_and_grads,
+        static_argnames=("loss", "reduction", "truth", "rules"),
         compiler_options=FAST_COMPILE_OPTIONS.get(platform),
     )
 
@@ -130,13 +174,12 @@ def _fast_compile_call(
     net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str, key: Array | None = None, truth: bool = False
 ):
     jitted = _fast_compile_jit(jax.default_backend())
-    # traced with jit disabled, the inner jitted functions (the two above, jnp's) inline into one
-    # flat jaxpr with the same equations: less tracing, and XLA would inline them anyway. Compiled
-    # ahead of time, the executable is in no cache: it is freed when this returns.
+    # traced with jit disabled, jnp's jitted functions inline into one flat jaxpr with the same equations: less
+    # tracing, and XLA would inline them anyway. Compiled ahead of time, the executable is in no cache: it is
+    # freed when this returns. The trace is keyed on the rules too (JAX caches traces), as the default path is.
     with jax.disable_jit():
-        lowered = jitted.trace(net, x, y, loss, reduction, key, truth).lower()
-    outputs = lowered.compile()(net, x, y, key)
-    return outputs if truth else (*outputs, None)
+        lowered = jitted.trace(net, x, y, loss, reduction, key, truth, rules_signature(net)).lower()
+    return lowered.compile()(net, x, y, key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,7 +439,9 @@ def check_gradients(
     loss_autodiff_error = _loss_error(value_g, value_t, dtype)
     loss_failed = not loss_error <= max(KAPPA * loss_autodiff_error, tolerance)
     if truth is not None and (loss_failed or not all(leaf.passed for leaf in leaves)):
-        leaves, loss_float64_error = _decide_in_float64(leaves, loss_failed, (net, x, y), loss, reduction, key, truth)
+        leaves, loss_float64_error = _decide_in_float64(
+            leaves, loss_failed, (net, x, y), loss, reduction, key, truth, fast_compile
+        )
     else:
         loss_float64_error = None
     mlp = is_mlp(net)
@@ -419,12 +464,19 @@ def check_gradients(
     )
 
 
-def _decide_in_float64(leaves, loss_failed, data, loss, reduction, key, truth):
+def _decide_in_float64(leaves, loss_failed, data, loss, reduction, key, truth, fast_compile):
     """Where the first rule failed below float64: run the same hand-written pass on the promoted network; a leaf
     (or the loss) it puts within TOLERANCE[float64] of the truth passes, with that error recorded."""
     float64 = np.dtype("float64")
+    promoted, rules = promote(data), rules_signature(data[0])
     with jax.enable_x64(True), jax.default_matmul_precision("highest"):
-        value_64, grads_64 = _engine.compiled_value_and_grad(*promote(data), loss, reduction, key)
+        if fast_compile and key is None:  # as the first program was compiled: once, at XLA's quick settings
+            jitted = _fast_handwritten_jit(jax.default_backend())
+            with jax.disable_jit():
+                compiled = jitted.trace(*promoted, loss, reduction, key, rules).lower().compile()
+            value_64, grads_64 = compiled(*promoted, key)
+        else:
+            value_64, grads_64 = _handwritten_jit(*promoted, loss, reduction, key, rules)
     value_t, grads_t = truth
     again = compare_gradients(grads_64, grads_t, tolerance=TOLERANCE[float64], floor=FLOOR[float64])
     leaves = tuple(
@@ -449,29 +501,20 @@ def _finite_inputs(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: st
 
 def _all_passes(net, x, y, loss, reduction, key, fast_compile):
     """(L, grads) by the hand-written pass, by autodiff, and by autodiff in float64 (None for a float64 network),
-    all jitted at the highest matmul precision."""
-    needs_truth = np.dtype(net.dtype or x.dtype) != np.float64
-    with jax.default_matmul_precision("highest"):
+    all from one program, at the highest matmul precision."""
+    truth = np.dtype(net.dtype or x.dtype) != np.float64
+    # traced with x64 on when the truth is wanted (whatever the caller's setting): the promoted copy is float64
+    with jax.enable_x64(True) if truth else contextlib.nullcontext(), jax.default_matmul_precision("highest"):
         # with a key the -O0 program has returned -inf/NaN for jax.grad's side on CPU (seen with jax 0.10.2 on
         # a float32 stack whose keys go unused): a check with a key always takes the default compile
         if fast_compile and key is None:
-            if not needs_truth or jax.config.jax_enable_x64:  # the truth traces into the same program
-                return _fast_compile_call(net, x, y, loss, reduction, key, truth=needs_truth)
-            handwritten, autodiff, _ = _fast_compile_call(net, x, y, loss, reduction, key)
-            return handwritten, autodiff, _truth(net, x, y, loss, reduction, key)
-        handwritten = _engine.compiled_value_and_grad(net, x, y, loss, reduction, key)
-        autodiff = _autodiff_value_and_grad_jit(net, x, y, loss, reduction, key)
-        return handwritten, autodiff, _truth(net, x, y, loss, reduction, key) if needs_truth else None
+            return _fast_compile_call(net, x, y, loss, reduction, key, truth)
+        return _check_jit(net, x, y, loss, reduction, key, truth, rules_signature(net))
 
 
 def promote(tree: object) -> object:
     """``tree`` with every floating leaf in float64 (exact from any narrower float): the truth's inputs."""
     return jax.tree.map(lambda a: a.astype(np.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
-
-
-def _truth(net, x, y, loss, reduction, key):
-    with jax.enable_x64(True), jax.default_matmul_precision("highest"):
-        return _autodiff_value_and_grad_jit(promote(net), promote(x), promote(y), loss, reduction, key)
 
 
 def _loss_error(value_h: float, value_g: float, dtype: np.dtype) -> float:
@@ -626,7 +669,7 @@ def check_layers_of(net: AnyNetwork, x: Array, *, key: Array | None = None) -> t
     return tuple(
         _check_layer(layer, inputs[index], _layers.layer_keys(keys, index), None, index)
         for index, layer in enumerate(net.layers)
-        if not isinstance(layer, BUILTIN_LAYERS)
+        if type(layer) not in BUILTIN_LAYERS  # a subclass of a built-in kind may override its rules: checked
     )
 
 
