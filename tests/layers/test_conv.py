@@ -153,6 +153,7 @@ def test_random_conv_stacks_cover_every_kind():
     assert random_stack_spec(np.random.default_rng(3)) == random_stack_spec(np.random.default_rng(3), conv=False)
 
 
+@pytest.mark.slow  # conv1d keeps default-tier coverage in tests/layers/test_kinds.py and tests/core/
 def test_conv_stacks_match_the_numpy_oracle():
     from experiments import equivalence
     from reference import numpy_layers
@@ -173,6 +174,7 @@ def test_conv_stacks_match_the_numpy_oracle():
         assert all(leaf.passed for leaf in leaves), (spec, leaves)
 
 
+@pytest.mark.slow  # conv1d keeps default-tier coverage in tests/layers/test_kinds.py and tests/core/
 def test_the_mnist1d_cnn_matches_autodiff_in_float64_and_float32():
     rng = np.random.default_rng(2)
     for dtype in ("float64", "float32"):
@@ -248,6 +250,7 @@ def test_per_example_grads_and_both_norm_forms_match_vmap_of_grad():
     np.testing.assert_allclose(np.asarray(norms), expected_norms, rtol=1e-10)
 
 
+@pytest.mark.slow  # conv1d keeps default-tier coverage in tests/layers/test_kinds.py and tests/core/
 def test_dp_sgd_on_a_cnn_clips_each_examples_gradient():
     rng = np.random.default_rng(7)
     net = mnist1d_cnn()
@@ -266,6 +269,7 @@ def test_dp_sgd_on_a_cnn_clips_each_examples_gradient():
         assert np.linalg.norm(np.asarray(mine) - theirs) <= 1e-10 * np.linalg.norm(theirs)
 
 
+@pytest.mark.slow  # conv1d keeps default-tier coverage in tests/layers/test_kinds.py and tests/core/
 def test_a_cnn_checkpoint_round_trips(tmp_path):
     net = mnist1d_cnn("float32")
     x = np.random.default_rng(8).standard_normal((200, 1, 40)).astype(np.float32)
@@ -323,6 +327,7 @@ def test_fit_on_a_mesh_trains_a_cnn_as_one_device_does(background):
 # ---------------------------------------------------------------- no autodiff, no needless compiles
 
 
+@pytest.mark.slow  # conv1d keeps default-tier coverage in tests/layers/test_kinds.py and tests/core/
 def test_no_autodiff_in_the_conv_backward_pass(monkeypatch):
     from jax._src.interpreters import ad
 
