@@ -182,7 +182,7 @@ def test_layers_all_checks_stacks_and_prints_each_architecture_last(capsys):
     assert any(">c" in spec.notation for spec in specs) and any(">c" not in spec.notation for spec in specs)
     assert main(["verify", "--layers", "all", *STACK_ARGS]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["#", "loss", "red", "dtype", "N", "key", "max", "rel", "verdict", "architecture"]
+    assert lines[0].split() == ["#", "loss", "red", "dtype", "N", "key", "hand", "autodiff", "verdict", "architecture"]
     for trial, (row, spec) in enumerate(zip(lines[1:9], specs)):
         cells = row.split()
         assert cells[:6] == [str(trial), spec.loss, spec.reduction, spec.dtype, str(spec.batch),
