@@ -27,6 +27,9 @@ computed (at matmul precision "highest", so pb.grad reuses its compile).
 
     python -m experiments.equivalence            # 2000 architectures
     python -m experiments.equivalence --quick    # 8 small ones, for the test suite
+    python -m experiments.equivalence --families mlp layers conv --trials 10000 [--workers 2]
+                                                 # every family vs jax.grad and NumPy, resumable
+                                                 # (experiments/equivalence_families.py)
     python -m experiments.equivalence --oracles numpy "finite differences" --previous OLD.csv
                                                  # rerun some oracles, keep the others' rows from OLD.csv
 
@@ -53,6 +56,8 @@ import purebp as pb  # noqa: E402
 from purebp.check import FLOOR, TOLERANCE  # noqa: E402
 from purebp.testing import make_case, random_spec  # noqa: E402
 from reference import finite_differences, numpy_matrix  # noqa: E402
+
+FAMILIES = ("mlp", "layers", "conv")  # --families (experiments.equivalence_families)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FD_TOLERANCE = 1e-6
@@ -928,7 +933,7 @@ def run_stacks(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=2000)
+    parser.add_argument("--trials", type=int, default=None, help="architectures (default 2000; 10000 per family)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="8 small architectures (for the test suite)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -951,7 +956,28 @@ def main(argv=None) -> int:
         default=STACK_FD_EVERY,
         help=f"--layers all: finite differences on every k-th architecture (default {STACK_FD_EVERY})",
     )
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        choices=FAMILIES,
+        help="run these families against jax.grad and the NumPy oracles, half float64, half float32, appending to "
+        "equivalence_families.csv and resuming it (experiments/equivalence_families.py); default 10000 each",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="--families: worker processes (default 1)")
     args = parser.parse_args(argv)
+    if args.trials is not None and args.trials < 1:
+        parser.error(f"--trials must be at least 1, got {args.trials}")
+    if args.families:
+        if args.workers < 1:
+            parser.error(f"--workers must be at least 1, got {args.workers}")
+        if args.layers != "mlp" or args.previous is not None or set(args.oracles) != set(ORACLES):
+            parser.error("--families runs jax.grad and the NumPy oracles on every family: no --layers, --oracles "
+                         "or --previous with it")  # fmt: skip
+        from experiments.equivalence_families import main_families
+
+        return main_families(args)
+    if args.trials is None:
+        args.trials = 2000
     if args.layers in ("all", "conv"):
         if args.previous is not None or set(args.oracles) != set(ORACLES):
             parser.error("--layers all runs every oracle there is; --oracles and --previous are for --layers mlp")
