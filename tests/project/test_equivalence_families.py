@@ -60,6 +60,7 @@ def cut_partial_architecture(path: Path, family: str, index: int) -> None:
         handle.write("".join(partial) + rows[2][: len(rows[2]) // 2])
 
 
+@pytest.mark.slow  # each runs the experiment in a fresh process (seconds of imports and compiles)
 def test_resume_continues_after_the_last_complete_architecture(tmp_path):
     first = run(tmp_path, 2, "mlp")
     assert "resuming" not in first.stderr
@@ -73,6 +74,7 @@ def test_resume_continues_after_the_last_complete_architecture(tmp_path):
     assert "purebp.testing.make_case(CaseSpec(" in table
 
 
+@pytest.mark.slow  # each runs the experiment in a fresh process (seconds of imports and compiles)
 def test_a_resume_with_other_arguments_is_refused(tmp_path):
     run(tmp_path, 1, "mlp")
     command = [sys.executable, "-m", "experiments.equivalence", "--families", "mlp", "--trials", "2", "--quick",

@@ -197,6 +197,7 @@ def test_the_epoch_is_keyed_on_what_the_update_computes():
     assert program_update(injected(1e-3)) is not program_update(sgd)
 
 
+@pytest.mark.slow
 def test_a_re_registered_activation_never_reuses_the_old_epoch():
     _, x, y = _classification()
     name = "purebp_test_refit"
