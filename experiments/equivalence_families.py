@@ -27,7 +27,6 @@ rerun with the same arguments skips the architectures already there and drops a 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
@@ -46,7 +45,7 @@ import numpy as np  # noqa: E402
 import purebp as pb  # noqa: E402
 from experiments.equivalence import FAMILIES  # noqa: E402
 from purebp import check as _check  # noqa: E402
-from purebp.check import FLOOR, KAPPA, TOLERANCE, compare_gradients, leaf_names, promote, rules_signature  # noqa: E402
+from purebp.check import FLOOR, KAPPA, TOLERANCE, compare_gradients, leaf_names  # noqa: E402
 from purebp.testing import random_spec, random_stack_spec  # noqa: E402
 
 FAMILY_ORACLES = ("jax.grad", "numpy")
@@ -95,23 +94,6 @@ def _case(spec):
     return make_case(spec) if type(spec).__name__ == "CaseSpec" else make_stack_case(spec)
 
 
-@contextlib.contextmanager
-def _captured_passes(store: dict):
-    """Keep what check_gradients' one program returned (h, a, t), so the NumPy oracle compares the same h and a
-    and nothing compiles twice: ``purebp.check._all_passes`` is looked up at call time, wrapped here."""
-    original = _check._all_passes
-
-    def capture(*args):
-        store["passes"] = original(*args)
-        return store["passes"]
-
-    _check._all_passes = capture
-    try:
-        yield store
-    finally:
-        _check._all_passes = original
-
-
 def _oracle(spec, case) -> tuple[float, list[np.ndarray]]:
     """(L, gradient leaves in purebp's order) by the float64 NumPy oracle of the family."""
     if type(spec).__name__ == "CaseSpec":
@@ -134,9 +116,8 @@ def _oracle(spec, case) -> tuple[float, list[np.ndarray]]:
 
 def _float64_handwritten(case):
     """(L, grads) of the same hand-written pass on the network promoted to float64: the float64 decision."""
-    promoted = promote((case.net, case.x, case.y))
-    with jax.default_matmul_precision("highest"):
-        return _check._handwritten_jit(*promoted, case.loss, case.reduction, case.key, rules_signature(case.net))
+    return _check.handwritten_in_float64(case.net, case.x, case.y, loss=case.loss, reduction=case.reduction,
+                                         key=case.key)  # fmt: skip
 
 
 def _relative(value: float, truth: float) -> float:
@@ -190,13 +171,13 @@ def run_architecture(task: tuple) -> list[dict]:
     start = time.perf_counter()
     case = _case(spec)
     # a key changes nothing without an active dropout layer, but it sends check_gradients to XLA's default compile
-    # (10x slower; see _all_passes): passed only where a dropout layer draws a mask with it
+    # (10x slower; see check_gradients): passed only where a dropout layer draws a mask with it
     if type(spec).__name__ == "StackSpec" and not spec.has_dropout:
         case = dataclasses.replace(case, key=None)
-    with _captured_passes({}) as store:
-        report = pb.check_gradients(case.net, case.x, case.y, loss=case.loss, reduction=case.reduction,
-                                    key=case.key, fast_compile=True)  # fmt: skip
-    numpy_leaves, numpy_loss = _numpy_verdict(case, store["passes"], _oracle(spec, case))
+    report = pb.check_gradients(case.net, case.x, case.y, loss=case.loss, reduction=case.reduction,
+                                key=case.key, fast_compile=True)  # fmt: skip
+    # the same h and a the verdict judged (report.passes), against the NumPy oracle as the truth
+    numpy_leaves, numpy_loss = _numpy_verdict(case, report.passes, _oracle(spec, case))
     jax.clear_caches()  # each architecture is a new program; thousands would exhaust memory mappings
     base = {"family": family, "index": index, "architecture": notation(spec), "loss": spec.loss,
             "reduction": spec.reduction, "dtype": spec.dtype, "batch": spec.batch, "seed": spec.seed}  # fmt: skip

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -182,6 +183,15 @@ def _fast_compile_call(
     return lowered.compile()(net, x, y, key)
 
 
+class GradientPasses(NamedTuple):
+    """What check_gradients compares, each (L, grads): the hand-written pass, autodiff, and the float64 truth
+    (autodiff of the promoted network; None for a float64 network, whose truth is autodiff itself)."""
+
+    handwritten: tuple
+    autodiff: tuple
+    truth: tuple | None
+
+
 @dataclasses.dataclass(frozen=True)
 class LeafComparison:
     """One parameter leaf: the hand-written h and autodiff's a, each against the float64 truth t.
@@ -237,6 +247,9 @@ class GradientReport:
     loss_truth: float = math.nan
     loss_autodiff_error: float = 0.0  # |L_a - L_t| / |L_t|
     loss_float64_error: float | None = None  # as LeafComparison.float64_error, for the loss
+    # the three (L, grads) the report judged: hand-written, autodiff, truth (None in float64), for a caller that
+    # compares them with more oracles without computing them again; not part of equality or repr
+    passes: GradientPasses | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def loss_passed(self) -> bool:
@@ -433,7 +446,8 @@ def check_gradients(
     dtype = np.dtype(net.dtype or x.dtype)
     tolerance = TOLERANCE.get(dtype, 1e-5) if tolerance is None else tolerance
     floor = FLOOR.get(dtype, FLOOR[np.dtype("float32")])
-    (value_h, grads_h), (value_g, grads_g), truth = _all_passes(net, x, y, loss, reduction, key, fast_compile)
+    passes = GradientPasses(*_all_passes(net, x, y, loss, reduction, key, fast_compile))
+    (value_h, grads_h), (value_g, grads_g), truth = passes
     value_t, grads_t = truth if truth is not None else (value_g, None)
     leaves = compare_gradients(grads_h, grads_g, tolerance=tolerance, floor=floor, truth=grads_t)
     value_h, value_g, value_t = float(value_h), float(value_g), float(value_t)
@@ -463,6 +477,7 @@ def check_gradients(
         loss_truth=value_t,
         loss_autodiff_error=loss_autodiff_error,
         loss_float64_error=loss_float64_error,
+        passes=passes,
     )
 
 
@@ -470,15 +485,9 @@ def _decide_in_float64(leaves, loss_failed, data, loss, reduction, key, truth, f
     """Where the first rule failed below float64: run the same hand-written pass on the promoted network; a leaf
     (or the loss) it puts within TOLERANCE[float64] of the truth passes, with that error recorded."""
     float64 = np.dtype("float64")
-    promoted, rules = promote(data), rules_signature(data[0])
-    with jax.enable_x64(True), jax.default_matmul_precision("highest"):
-        if fast_compile and key is None:  # as the first program was compiled: once, at XLA's quick settings
-            jitted = _fast_handwritten_jit(jax.default_backend())
-            with jax.disable_jit():
-                compiled = jitted.trace(*promoted, loss, reduction, key, rules).lower().compile()
-            value_64, grads_64 = compiled(*promoted, key)
-        else:
-            value_64, grads_64 = _handwritten_jit(*promoted, loss, reduction, key, rules)
+    value_64, grads_64 = handwritten_in_float64(
+        *data, loss=loss, reduction=reduction, key=key, fast_compile=fast_compile
+    )
     value_t, grads_t = truth
     again = compare_gradients(grads_64, grads_t, tolerance=TOLERANCE[float64], floor=FLOOR[float64])
     leaves = tuple(
@@ -487,6 +496,25 @@ def _decide_in_float64(leaves, loss_failed, data, loss, reduction, key, truth, f
     )
     loss_float64_error = _loss_error(float(value_64), float(value_t), float64) if loss_failed else None
     return leaves, loss_float64_error
+
+
+def handwritten_in_float64(
+    net: AnyNetwork, x: Array, y: Array, *, loss: str, reduction: str = "mean", key: Array | None = None,
+    fast_compile: bool = False,
+) -> tuple[Array, AnyNetwork]:  # fmt: skip
+    """(L, grads) of the hand-written pass on the network and inputs promoted to float64 (x64 on for the call).
+
+    The float64 decision of ``check_gradients``: where float32 (or 16 bits) cannot decide a leaf, this says
+    whether the rule itself is right. Keyed on the layers' rules (``rules_signature``); unchecked inputs.
+    """
+    promoted, rules = promote((net, x, y)), rules_signature(net)
+    with jax.enable_x64(True), jax.default_matmul_precision("highest"):
+        if fast_compile and key is None:  # as check_gradients' program was compiled: once, at XLA's quick settings
+            jitted = _fast_handwritten_jit(jax.default_backend())
+            with jax.disable_jit():
+                compiled = jitted.trace(*promoted, loss, reduction, key, rules).lower().compile()
+            return compiled(*promoted, key)
+        return _handwritten_jit(*promoted, loss, reduction, key, rules)
 
 
 def _finite_inputs(net: AnyNetwork, x: Array, y: Array, loss: str, reduction: str) -> tuple[Array, Array]:

@@ -231,6 +231,7 @@ def test_a_float64_conv_bias_behind_a_layer_norm_is_measured_against_the_gradien
     assert report.passed, report
     bias = next(leaf for leaf in report.leaves if leaf.layer == 1 and leaf.parameter == "layers[1].b")
     assert bias.max_abs_error > 0.0 and bias.autodiff_error == 0.0 and report.reference_dtype is None
+    assert report.passes.truth is None  # in float64 the truth is autodiff itself
 
 
 def test_the_float64_decision_still_fails_a_wrong_rule():
@@ -250,6 +251,17 @@ def test_a_16_bit_network_is_judged_against_the_truth_too():
     report = pb.check_gradients(net16, case.x.astype(jnp.bfloat16), case.y, loss=case.loss, reduction=case.reduction)
     assert report.reference_dtype == "float64" and report.passed, report
     assert all(leaf.autodiff_error > 0 for leaf in report.leaves)
+    (_, hand), _, (_, truth) = report.passes  # what was judged, in the network's dtype and float64
+    assert jax.tree.leaves(hand)[0].dtype == jnp.bfloat16 and jax.tree.leaves(truth)[0].dtype == jnp.float64
+    errors = check.relative_errors(
+        [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(hand)],
+        [np.asarray(leaf) for leaf in jax.tree.leaves(truth)],
+        check.FLOOR[np.dtype(jnp.bfloat16)],
+    )
+    assert errors == [leaf.relative_error for leaf in report.leaves]
+    _, again = check.handwritten_in_float64(net16, case.x.astype(jnp.bfloat16), case.y, loss=case.loss)
+    assert max(check.relative_errors([np.asarray(a) for a in jax.tree.leaves(again)],
+                                     [np.asarray(t) for t in jax.tree.leaves(truth)], 1e-3)) < 1e-10  # fmt: skip
 
 
 # ---------------------------------------------------------------- no stale program, no stale value
