@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kind_examples import example_layer
 
 import purebp as pb
 from purebp import activations, losses
@@ -175,18 +176,7 @@ def _reference_forward(layer, x):
 
 def _drawn(kind: _kinds.Kind):
     """The row's example layer, float64 parameters drawn by its own ``draw``, and its input shape."""
-    description, shape = kind.example
-    rng = np.random.default_rng(0)
-
-    def draw_inner(descriptions, inner_shape, scale):
-        layers = []
-        for inner in descriptions:
-            inner_kind = _kinds.kind_named(inner[0])
-            layers.append(inner_kind.draw(inner, inner_shape, rng, np.float64, scale, draw_inner))
-            inner_shape = inner_kind.shape_after(inner, inner_shape)
-        return layers
-
-    return kind.draw(description, shape, rng, np.float64, 1.0, draw_inner), shape
+    return example_layer(kind)
 
 
 @functools.cache

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kind_examples import example_layer, inner_draw
 
 import purebp as pb
 from purebp.layers import kinds as _kinds
@@ -70,22 +71,9 @@ IDS = [kind.name for kind in KINDS]
 
 def _drawn(kind: _kinds.Kind, seed: int = 0):
     """The row's example layer with float64 parameters drawn by its own ``draw``, and its input shape."""
-    description, shape = kind.example
+    description, _ = kind.example
     kind.validate(description, kind.name, lambda *args: None)
-    rng = np.random.default_rng(seed)
-    return kind.draw(description, shape, rng, np.float64, 1.0, _inner_draw(rng)), shape
-
-
-def _inner_draw(rng):
-    def draw(descriptions, shape, scale):
-        layers = []
-        for description in descriptions:
-            kind = _kinds.kind_named(description[0])
-            layers.append(kind.draw(description, shape, rng, np.float64, scale, draw))
-            shape = kind.shape_after(description, shape)
-        return layers
-
-    return draw
+    return example_layer(kind, seed)
 
 
 def test_the_table_names_every_built_in_layer_type_once():
@@ -145,7 +133,7 @@ def test_a_stack_spec_draws_each_kind_through_its_row():
         spec = StackSpec(shape[0], (description,), "mse", input_length=shape[1] if len(shape) > 1 else 0, seed=5)
         case = make_stack_case(spec)
         rng = np.random.default_rng(5)
-        expected = kind.draw(description, shape, rng, np.float64, 1.0, _inner_draw(rng))
+        expected = kind.draw(description, shape, rng, np.float64, 1.0, inner_draw(rng))
         assert jax.tree.structure(case.net.layers[0]) == jax.tree.structure(expected), kind.name
         for a, b in zip(jax.tree.leaves(case.net.layers[0]), jax.tree.leaves(expected), strict=True):
             assert np.array_equal(np.asarray(a), np.asarray(b)), kind.name
