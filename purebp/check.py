@@ -447,19 +447,7 @@ def check_gradients(
     tolerance = TOLERANCE.get(dtype, 1e-5) if tolerance is None else tolerance
     floor = FLOOR.get(dtype, FLOOR[np.dtype("float32")])
     passes = GradientPasses(*_all_passes(net, x, y, loss, reduction, key, fast_compile))
-    (value_h, grads_h), (value_g, grads_g), truth = passes
-    value_t, grads_t = truth if truth is not None else (value_g, None)
-    leaves = compare_gradients(grads_h, grads_g, tolerance=tolerance, floor=floor, truth=grads_t)
-    value_h, value_g, value_t = float(value_h), float(value_g), float(value_t)
-    loss_error = _loss_error(value_h, value_t, dtype)
-    loss_autodiff_error = _loss_error(value_g, value_t, dtype)
-    loss_failed = not loss_error <= max(KAPPA * loss_autodiff_error, tolerance)
-    if truth is not None and (loss_failed or not all(leaf.passed for leaf in leaves)):
-        leaves, loss_float64_error = _decide_in_float64(
-            leaves, loss_failed, (net, x, y), loss, reduction, key, truth, fast_compile
-        )
-    else:
-        loss_float64_error = None
+    leaves, losses = _judge(passes, (net, x, y), dtype, loss, reduction, key, tolerance, floor, fast_compile)
     mlp = is_mlp(net)
     return GradientReport(
         sizes=net.sizes if mlp else (),
@@ -469,16 +457,36 @@ def check_gradients(
         reduction=reduction,
         dtype=str(dtype),
         tolerance=tolerance,
-        loss_handwritten=value_h,
-        loss_autodiff=value_g,
-        loss_relative_error=loss_error,
         leaves=leaves,
-        reference_dtype=None if truth is None else TRUTH_DTYPE,
-        loss_truth=value_t,
-        loss_autodiff_error=loss_autodiff_error,
-        loss_float64_error=loss_float64_error,
+        reference_dtype=None if passes.truth is None else TRUTH_DTYPE,
         passes=passes,
+        **losses,
     )
+
+
+def _judge(passes: GradientPasses, data: tuple, dtype: np.dtype, loss, reduction, key, tolerance, floor, fast_compile):
+    """The verdict on ``passes``: the leaves, then the loss's fields of the report (see ``check_gradients``)."""
+    (value_h, grads_h), (value_g, grads_g), truth = passes
+    value_t, grads_t = truth if truth is not None else (value_g, None)
+    leaves = compare_gradients(grads_h, grads_g, tolerance=tolerance, floor=floor, truth=grads_t)
+    value_h, value_g, value_t = float(value_h), float(value_g), float(value_t)
+    loss_error = _loss_error(value_h, value_t, dtype)
+    loss_autodiff_error = _loss_error(value_g, value_t, dtype)
+    loss_failed = not loss_error <= max(KAPPA * loss_autodiff_error, tolerance)
+    loss_float64_error = None
+    if truth is not None and (loss_failed or not all(leaf.passed for leaf in leaves)):
+        leaves, loss_float64_error = _decide_in_float64(
+            leaves, loss_failed, data, loss, reduction, key, truth, fast_compile
+        )
+    losses = {
+        "loss_handwritten": value_h,
+        "loss_autodiff": value_g,
+        "loss_relative_error": loss_error,
+        "loss_truth": value_t,
+        "loss_autodiff_error": loss_autodiff_error,
+        "loss_float64_error": loss_float64_error,
+    }
+    return leaves, losses
 
 
 def _decide_in_float64(leaves, loss_failed, data, loss, reduction, key, truth, fast_compile):
