@@ -222,6 +222,7 @@ def test_vanishing_gradient_variants_are_the_stated_networks():
         assert net.input_shape == (5,)
 
 
+@pytest.mark.slow  # default tier budget (5 minutes on 2 cores)
 def test_vanishing_gradients_residual_ratio_uses_dense_deltas_and_does_not_vanish():
     """measure_stack's first and last delta norms are mean_n ||dC^n/dz^1|| and ||dC^n/dz^L|| (autodiff, float64).
 

@@ -154,6 +154,7 @@ def test_a_refused_combination_fails_before_anything_compiles(no_training):
         pb.make_train_step(optax.sgd(0.1), loss="mse", gradient=("autodiff", gradients.mixed("bfloat16")))
 
 
+@pytest.mark.slow  # default tier budget (5 minutes on 2 cores)
 def test_the_new_gradient_argument_trains_bit_for_bit_like_the_deprecated_options():
     net, x, y = _case()
     rule = rules.feedback_alignment(jax.random.key(1), net)

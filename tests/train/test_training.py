@@ -279,6 +279,7 @@ def test_resume_without_a_checkpoint_file_starts_fresh_and_refuses_a_different_r
     assert os.path.exists(path)
 
 
+@pytest.mark.slow  # default tier budget (5 minutes on 2 cores)
 def test_a_finished_run_extends_to_more_epochs_exactly_like_the_longer_run(tmp_path):
     net, x, y = _classification()
     options = dict(

@@ -161,6 +161,7 @@ def test_a_different_optimizer_never_reuses_the_old_program():
     assert not np.array_equal(np.asarray(sgd.layers[0].w), np.asarray(other.layers[0].w))
 
 
+@pytest.mark.slow  # default tier budget (5 minutes on 2 cores)
 def test_a_default_optimizer_learning_rate_sweep_compiles_the_epoch_once():
     net, x, y = _classification()
     options = OPTIONS | dict(epochs=2)
@@ -247,6 +248,7 @@ def test_numpy_inputs_are_cast_to_the_network_dtype_and_jax_arrays_of_another_dt
         pb.value_and_grad(net, jnp.asarray(host), y, loss="softmax_cross_entropy")
 
 
+@pytest.mark.slow  # default tier budget (5 minutes on 2 cores)
 def test_fit_trains_in_mixed_precision_and_a_resume_with_another_compute_dtype_is_refused(tmp_path):
     net, x, y = _classification()
     path = str(tmp_path / "run.ckpt")
