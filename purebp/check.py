@@ -56,8 +56,6 @@ FLOOR = {
     np.dtype(jnp.bfloat16): 1e-2,
     np.dtype(jnp.float16): 1e-2,
 }
-# kept for callers of the 16-bit report: the dtypes whose truth the report used to call a reference
-LOW_PRECISION = frozenset({np.dtype(jnp.bfloat16), np.dtype(jnp.float16)})
 TRUTH_DTYPE = "float64"
 
 
